@@ -1,0 +1,3 @@
+from selfimprove.cli import main
+
+main()

@@ -1,0 +1,239 @@
+"""Typed config schemas (registered with Hydra's ConfigStore) and the checks run before any model loads.
+
+Groups whose options share one shape (model, sampler, trainer, logger) have a dataclass schema, so
+OmegaConf rejects a typo or a wrong type with the key's path. Groups whose options are different
+classes (task, verifiers, selector, objective) carry a `_target_`; `validate_targets` checks their keys
+and simple types against the target's signature, again before anything heavy happens.
+"""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+import typing
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import DictConfig, OmegaConf
+
+
+class ConfigError(ValueError):
+    """A config problem found before the run starts; the message names the key."""
+
+
+@dataclass
+class RunConfig:
+    dir: str = "runs/${recipe}"
+    name: str = "${recipe}"
+
+
+@dataclass
+class LoopConfig:
+    rounds: int = 4
+    prompts_per_round: int = 64
+
+
+@dataclass
+class ModelConfig:
+    kind: str = "embedded"  # embedded | hf | tiny
+    path: Optional[str] = None  # hf: a local folder or a cached hub id (offline)
+    dtype: str = "float32"
+    # tiny only: a randomly initialised model of the same architecture and tokenizer
+    hidden_size: int = 64
+    num_layers: int = 2
+    num_heads: int = 4
+    init_seed: int = 0
+
+
+@dataclass
+class SamplerConfig:
+    backend: str = "hf"
+    n: int = 8
+    temperature: float = 1.0
+    top_p: float = 1.0
+    max_new_tokens: int = 6
+    batch_size: int = 64  # sequences per generate call
+    max_prompt_tokens: int = 512
+
+
+@dataclass
+class TrainerConfig:
+    lora: bool = True
+    lora_r: int = 16
+    lora_alpha: int = 32
+    lora_dropout: float = 0.0
+    target_modules: list[str] = field(default_factory=lambda: ["q_proj", "v_proj"])
+    lr: float = 3e-4
+    weight_decay: float = 0.0
+    max_grad_norm: float = 1.0
+    steps_per_round: int = 8  # optimizer steps in each update phase
+    micro_batch_size: int = 16
+    grad_accum: int = 1
+    scheduler: str = "constant"  # any transformers.get_scheduler name
+    warmup_steps: int = 0
+    min_selected: int = 1  # fewer selected samples than this skips the update (logged)
+
+
+@dataclass
+class EMAConfig:
+    enabled: bool = False
+    warmup: int = 10
+    power: float = 0.5
+    floor: float = 1e-4
+    sample_from: str = "raw"  # raw | ema
+    evaluate: list[str] = field(default_factory=lambda: ["raw"])
+
+
+@dataclass
+class EvalConfig:
+    n_problems: int = 300
+    k: int = 8  # samples per held-out problem for pass@k / maj@k (0: greedy only)
+    temperature: float = 1.0
+    batch_size: int = 64
+    max_new_tokens: int = 6
+    before: bool = True  # evaluate the starting model as round 0
+    every: int = 1
+
+
+@dataclass
+class LoggerConfig:
+    kind: str = "none"  # none | wandb | tensorboard (metrics.jsonl is always written)
+    project: str = "selfimprove"
+
+
+@dataclass
+class Config:
+    recipe: str = "quickstart"
+    seed: int = 0
+    resume: Optional[str] = None  # None | auto
+    run: RunConfig = field(default_factory=RunConfig)
+    loop: LoopConfig = field(default_factory=LoopConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    task: Any = None
+    sampler: SamplerConfig = field(default_factory=SamplerConfig)
+    verifiers: dict[str, Any] = field(default_factory=dict)
+    selector: Any = None
+    objective: Any = None
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    ema: EMAConfig = field(default_factory=EMAConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    logger: LoggerConfig = field(default_factory=LoggerConfig)
+
+
+def register() -> None:
+    cs = ConfigStore.instance()
+    cs.store(name="config_schema", node=Config)
+    for group, node in [
+        ("model", ModelConfig),
+        ("sampler", SamplerConfig),
+        ("trainer", TrainerConfig),
+        ("logger", LoggerConfig),
+    ]:
+        cs.store(group=group, name=f"{group}_schema", node=node)
+
+
+# Keys whose change makes a resumed run a different experiment; anything else (rounds, logger,
+# eval sizes, run.dir) may change on resume.
+RESUME_SAFE = ("loop.rounds", "logger", "eval", "run", "resume", "ema.evaluate")
+
+
+def _type_ok(value: Any, annotation: Any) -> bool:
+    if annotation is inspect.Parameter.empty or annotation is Any or value is None:
+        return True
+    origin = typing.get_origin(annotation)
+    if origin is typing.Union or str(origin) == "<class 'types.UnionType'>":
+        return any(_type_ok(value, a) for a in typing.get_args(annotation))
+    if annotation is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if annotation in (int, str, bool):
+        return isinstance(value, annotation) and not (annotation is int and isinstance(value, bool))
+    if origin in (list, tuple):
+        return isinstance(value, (list, tuple))
+    return True
+
+
+def _check_target(path: str, node: dict) -> None:
+    target = node["_target_"]
+    module_name, _, attr = target.rpartition(".")
+    try:
+        obj = getattr(importlib.import_module(module_name), attr)
+    except (ImportError, AttributeError) as e:
+        raise ConfigError(f"{path}._target_: cannot import '{target}' ({e})") from None
+    fn = obj.__init__ if inspect.isclass(obj) else obj
+    try:
+        hints = typing.get_type_hints(fn)
+    except Exception:  # unresolvable annotations: fall back to names only
+        hints = {}
+    params = inspect.signature(fn).parameters
+    takes_kwargs = any(p.kind is p.VAR_KEYWORD for p in params.values())
+    for key, value in node.items():
+        if key.startswith("_"):
+            continue
+        if key not in params:
+            if takes_kwargs:
+                continue
+            close = [p for p in params if p != "self"]
+            raise ConfigError(f"{path}.{key}: not a parameter of {target} (accepted: {close})")
+        if not _type_ok(value, hints.get(key, params[key].annotation)):
+            want = hints.get(key, params[key].annotation)
+            raise ConfigError(f"{path}.{key}: {value!r} is not a valid {want} for {target}")
+
+
+def validate_targets(cfg: DictConfig) -> None:
+    """Check every `_target_` node's keys and simple types against its signature."""
+    container = OmegaConf.to_container(cfg, resolve=True)
+
+    def walk(path: str, node: Any) -> None:
+        if isinstance(node, dict):
+            if "_target_" in node:
+                _check_target(path, node)
+            for k, v in node.items():
+                if isinstance(v, dict):
+                    walk(f"{path}.{k}" if path else str(k), v)
+
+    walk("", container)
+    for group in ("task", "selector", "objective"):
+        if not isinstance(container.get(group), dict) or "_target_" not in container[group]:
+            raise ConfigError(f"{group}: missing (choose one with {group}=NAME)")
+    sel_scores = [container["selector"].get("score")]
+    for score in sel_scores:
+        if score and score not in _scorer_names(container):
+            raise ConfigError(
+                f"selector.score: '{score}' is not produced by any verifier "
+                f"(verifiers give: {sorted(_scorer_names(container))})"
+            )
+    if cfg.ema.sample_from not in ("raw", "ema"):
+        raise ConfigError(f"ema.sample_from: {cfg.ema.sample_from!r} is not raw|ema")
+    for which in cfg.ema.evaluate:
+        if which not in ("raw", "ema"):
+            raise ConfigError(f"ema.evaluate: {which!r} is not raw|ema")
+    if (cfg.ema.sample_from == "ema" or "ema" in cfg.ema.evaluate) and not cfg.ema.enabled:
+        raise ConfigError("ema.sample_from/ema.evaluate use 'ema' but ema.enabled is false")
+
+
+def _scorer_names(container: dict) -> set[str]:
+    from hydra.utils import instantiate
+
+    return {instantiate(v).name for v in container.get("verifiers", {}).values()}
+
+
+def resume_diff(old: DictConfig, new: DictConfig) -> list[str]:
+    """Lines describing changes between two resolved configs that make resuming unsafe."""
+    a = _flatten(OmegaConf.to_container(old, resolve=True))
+    b = _flatten(OmegaConf.to_container(new, resolve=True))
+    lines = []
+    for key in sorted(set(a) | set(b)):
+        if a.get(key) == b.get(key) or any(key == s or key.startswith(s + ".") for s in RESUME_SAFE):
+            continue
+        lines.append(f"  {key}: {a.get(key, '<absent>')!r} -> {b.get(key, '<absent>')!r}")
+    return lines
+
+
+def _flatten(node: Any, prefix: str = "") -> dict[str, Any]:
+    if not isinstance(node, dict):
+        return {prefix: node}
+    out: dict[str, Any] = {}
+    for k, v in node.items():
+        out.update(_flatten(v, f"{prefix}.{k}" if prefix else str(k)))
+    return out

@@ -1,0 +1,101 @@
+"""Iterate averaging (EMA) of the trained weights, after Block et al. 2310.11428.
+
+theta_bar <- (1 - beta_t) theta_bar + beta_t theta_t, with the schedule of the authors'
+``abblock/bema`` code. The average is for inference/evaluation only and is never fed back
+to the optimizer.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import torch
+from torch import Tensor, nn
+
+
+def ema_beta(step: int, warmup: int = 10, power: float = 0.5, floor: float = 1e-4) -> float:
+    """beta_t = max((1 + max(0, t - warmup))^(-power), floor).
+
+    beta = 1 (a plain copy) for t <= warmup: an implicit warm-up. ``power=1, warmup=0``
+    gives beta_t = 1/(1+t), i.e. the running mean of all iterates.
+    """
+    return max((1.0 + max(0, step - warmup)) ** (-power), floor)
+
+
+class EMA:
+    """fp32 CPU averages of the model's trainable parameters, keyed by parameter name.
+
+    Only ``requires_grad`` parameters are tracked (with LoRA: just the adapter), since frozen
+    ones never change. ``step`` is the global optimizer step, not the number of updates,
+    so updating every k steps still follows the schedule; the first update (step 0) copies.
+    """
+
+    def __init__(
+        self, model: nn.Module, warmup: int = 10, power: float = 0.5, floor: float = 1e-4
+    ) -> None:
+        self.warmup = warmup
+        self.power = power
+        self.floor = floor
+        self.shadow: dict[str, Tensor] = {
+            name: p.detach().to("cpu", torch.float32, copy=True)
+            for name, p in model.named_parameters()
+            if p.requires_grad
+        }
+        if not self.shadow:
+            raise ValueError("model has no trainable parameters to average")
+
+    def _params(self, model: nn.Module) -> dict[str, nn.Parameter]:
+        params = dict(model.named_parameters())
+        missing = [n for n in self.shadow if n not in params]
+        if missing:
+            raise KeyError(f"model lacks EMA-tracked parameters, e.g. {missing[:3]}")
+        return params
+
+    @torch.no_grad()
+    def update(self, model: nn.Module, step: int) -> float:
+        """Fold the current weights in with beta = ema_beta(step); returns beta for logging."""
+        beta = ema_beta(step, self.warmup, self.power, self.floor)
+        params = self._params(model)
+        for name, avg in self.shadow.items():
+            cur = params[name].detach().to("cpu", torch.float32)
+            if beta >= 1.0:
+                avg.copy_(cur)  # exact copy; also clears any non-finite history
+            else:
+                avg.mul_(1.0 - beta).add_(cur, alpha=beta)
+        return beta
+
+    @contextmanager
+    def swapped_in(self, model: nn.Module) -> Iterator[nn.Module]:
+        """Temporarily load the averages into ``model``; the raw weights come back on exit.
+
+        The raw weights are backed up on CPU (memory-safe for full fine-tunes) and restored
+        bit-for-bit even if the body raises. Do not step the optimizer inside.
+        """
+        params = self._params(model)
+        backup: dict[str, Tensor] = {}
+        with torch.no_grad():
+            for name, avg in self.shadow.items():
+                p = params[name]
+                backup[name] = p.detach().to("cpu", copy=True)
+                p.copy_(avg.to(device=p.device, dtype=p.dtype))
+        try:
+            yield model
+        finally:
+            with torch.no_grad():
+                for name, raw in backup.items():
+                    params[name].copy_(raw.to(params[name].device))
+
+    def state_dict(self) -> dict[str, Tensor]:
+        """Flat name -> fp32 tensor map (safetensors-compatible); schedule args are config."""
+        return {name: t.clone() for name, t in self.shadow.items()}
+
+    def load_state_dict(self, sd: dict[str, Tensor]) -> None:
+        if set(sd) != set(self.shadow):
+            missing = sorted(set(self.shadow) - set(sd))[:3]
+            extra = sorted(set(sd) - set(self.shadow))[:3]
+            raise KeyError(f"EMA keys differ: missing {missing}, extra {extra}")
+        for name, t in sd.items():
+            if t.shape != self.shadow[name].shape:
+                raise ValueError(f"shape mismatch for {name}: {tuple(t.shape)}")
+            self.shadow[name].copy_(t.to("cpu", torch.float32))

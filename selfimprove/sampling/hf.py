@@ -1,0 +1,147 @@
+"""Sampling with transformers `generate`: batched, left-padded, with per-token log-probs,
+self-certainty and entropy captured from the logits generate already computed (no second pass)."""
+
+from __future__ import annotations
+
+import torch
+from transformers import GenerationConfig, LogitsProcessor, LogitsProcessorList
+
+from selfimprove.verify.self_certainty import token_stats
+
+
+class StatsRecorder(LogitsProcessor):
+    """Reduces each step's logits to three numbers per sequence and passes them on untouched.
+
+    Custom processors run after transformers' built-in processors but before the sampling warpers
+    (temperature, top-p), and the sampler builds a GenerationConfig with no built-in processors, so
+    what this sees is the model's own distribution. The sampled token's log-prob is only known at
+    the next step (or after generate returns, for the last one), so one step's log-probs are kept:
+    memory O(batch × vocab), not O(batch × length × vocab).
+    """
+
+    def __init__(self) -> None:
+        self.logprobs: list[torch.Tensor] = []
+        self.self_certainty: list[torch.Tensor] = []
+        self.entropy: list[torch.Tensor] = []
+        self._prev: torch.Tensor | None = None
+
+    def _take(self, tokens: torch.Tensor) -> None:
+        if self._prev is not None:
+            self.logprobs.append(self._prev.gather(1, tokens[:, None])[:, 0])
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        if self.self_certainty:  # from the second step on, the last token was sampled by us
+            self._take(input_ids[:, -1])
+        logp, sc, ent = token_stats(scores)
+        self._prev = logp
+        self.self_certainty.append(sc)
+        self.entropy.append(ent)
+        return scores
+
+    def finish(self, sequences: torch.Tensor) -> None:
+        self._take(sequences[:, -1])
+        self._prev = None
+
+
+class HFSampler:
+    """Builds prompts from chat messages and samples completions with transformers."""
+
+    def __init__(self, tokenizer, max_prompt_tokens: int = 512) -> None:
+        self.tokenizer = tokenizer
+        self.max_prompt_tokens = max_prompt_tokens
+
+    def encode(self, problem) -> list[int]:
+        text = self.tokenizer.apply_chat_template(
+            problem.messages, add_generation_prompt=True, tokenize=False
+        )
+        ids = self.tokenizer(text + problem.prefill, add_special_tokens=False)["input_ids"]
+        if len(ids) > self.max_prompt_tokens:
+            raise ValueError(
+                f"problem {problem.id}: prompt is {len(ids)} tokens, longer than "
+                f"sampler.max_prompt_tokens={self.max_prompt_tokens}"
+            )
+        return ids
+
+    @torch.no_grad()
+    def generate(
+        self,
+        model,
+        prompts: list[list[int]],
+        *,
+        max_new_tokens: int,
+        temperature: float = 1.0,
+        top_p: float = 1.0,
+        greedy: bool = False,
+        seed: int = 0,
+        record: bool = True,
+    ) -> list[dict]:
+        """One completion per prompt (repeat a prompt to get several). Returns one dict per prompt:
+        completion_ids, completion text, and (if record) per-token logprobs/self_certainty/entropy.
+        """
+        limit = getattr(model.config, "max_position_embeddings", None)
+        if limit and max(len(p) for p in prompts) + max_new_tokens > limit:
+            raise ValueError(
+                f"prompt + max_new_tokens exceeds the model's context of {limit} tokens"
+            )
+        pad = self.tokenizer.pad_token_id
+        width = max(len(p) for p in prompts)
+        input_ids = torch.full((len(prompts), width), pad, dtype=torch.long)
+        attention = torch.zeros_like(input_ids)
+        for i, p in enumerate(prompts):  # left padding: every prompt ends at the right edge
+            input_ids[i, width - len(p) :] = torch.tensor(p)
+            attention[i, width - len(p) :] = 1
+        device = next(model.parameters()).device
+        gen_cfg = GenerationConfig(
+            do_sample=not greedy,
+            temperature=temperature if not greedy else None,
+            top_p=top_p if not greedy else None,
+            top_k=0 if not greedy else None,
+            max_new_tokens=max_new_tokens,
+            pad_token_id=pad,
+            eos_token_id=self.tokenizer.eos_token_id,
+        )
+        recorder = StatsRecorder() if record else None
+        torch.manual_seed(seed)
+        out = model.generate(
+            input_ids=input_ids.to(device),
+            attention_mask=attention.to(device),
+            generation_config=gen_cfg,
+            logits_processor=LogitsProcessorList([recorder] if recorder else []),
+        ).cpu()
+        new = out[:, width:]
+        if recorder:
+            recorder.finish(new)
+            stats = {
+                k: torch.stack(getattr(recorder, k), dim=1).float().cpu()
+                for k in ("logprobs", "self_certainty", "entropy")
+            }
+        rows = []
+        eos = self.tokenizer.eos_token_id
+        for i in range(len(prompts)):
+            ids = new[i].tolist()
+            n = ids.index(eos) + 1 if eos in ids else len(ids)  # keep the EOS: it is a decision too
+            row = {
+                "completion_ids": ids[:n],
+                "completion": self.tokenizer.decode(ids[:n], skip_special_tokens=True),
+            }
+            if recorder:
+                row.update({k: v[i, :n].tolist() for k, v in stats.items()})
+            rows.append(row)
+        return rows
+
+
+def sequence_logprobs(model, prompt_ids: list[list[int]], completion_ids: list[list[int]], pad: int):
+    """Per-token log-probs of given completions under `model` (one forward pass per batch)."""
+    seqs = [p + c for p, c in zip(prompt_ids, completion_ids)]
+    width = max(len(s) for s in seqs)
+    input_ids = torch.full((len(seqs), width), pad, dtype=torch.long)
+    attention = torch.zeros_like(input_ids)
+    for i, s in enumerate(seqs):
+        input_ids[i, width - len(s) :] = torch.tensor(s)
+        attention[i, width - len(s) :] = 1
+    device = next(model.parameters()).device
+    with torch.no_grad():
+        logits = model(input_ids=input_ids.to(device), attention_mask=attention.to(device)).logits
+    logp = torch.log_softmax(logits[:, :-1].float(), dim=-1)
+    token_lp = logp.gather(2, input_ids[:, 1:, None].to(device))[..., 0].cpu()
+    return [token_lp[i, width - 1 - len(c) : width - 1].tolist() for i, c in enumerate(completion_ids)]

@@ -1,0 +1,100 @@
+"""Task interface shared by every task, plus small helpers for splitting and number formatting.
+
+Correctness convention: a completion is *correct* when ``task.reward(...) >= 1 - 1e-9``.
+Use :func:`is_correct` (or the equivalent :meth:`Task.is_correct`) rather than re-deriving it,
+so partial-credit rewards (e.g. RandomCalculation's numeric reward) never count as correct.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from decimal import ROUND_HALF_UP, Decimal, localcontext
+from fractions import Fraction
+
+CORRECT_THRESHOLD = 1.0 - 1e-9
+
+
+@dataclass(frozen=True)
+class Problem:
+    """One task instance.
+
+    ``messages`` is a list, so a ``Problem`` compares by value but is not hashable; key
+    dictionaries on ``problem.id`` instead.
+    """
+
+    id: str  # stable, unique within the task, e.g. "train-17" / "eval-3"
+    messages: list[dict[str, str]]  # chat messages, e.g. [{"role": "user", "content": ...}]
+    prefill: str  # text the assistant turn starts with; "" for none
+    answer: str  # ground-truth answer as a canonical string
+
+
+class Task(ABC):
+    """Base class for tasks: an infinite training stream plus a disjoint held-out set."""
+
+    @abstractmethod
+    def train_problem(self, index: int) -> Problem:
+        """The ``index``-th training problem (deterministic for any ``index >= 0``)."""
+
+    @abstractmethod
+    def eval_problems(self, n: int) -> list[Problem]:
+        """The first ``n`` distinct held-out problems; ``ValueError`` if fewer exist."""
+
+    @abstractmethod
+    def extract_answer(self, completion: str) -> str | None:
+        """Canonical answer found in ``completion`` (text generated after the prefill)."""
+
+    @abstractmethod
+    def reward(self, completion: str, problem: Problem) -> float:
+        """Reward in [0, 1]; 1.0 means correct."""
+
+    def is_correct(self, completion: str, problem: Problem) -> bool:
+        """True when the reward reaches 1 (up to float tolerance)."""
+        return self.reward(completion, problem) >= CORRECT_THRESHOLD
+
+
+def is_correct(task: Task, completion: str, problem: Problem) -> bool:
+    """True when ``task.reward(completion, problem) >= 1 - 1e-9``."""
+    return task.reward(completion, problem) >= CORRECT_THRESHOLD
+
+
+def stable_fraction(text: str) -> float:
+    """Map ``text`` to [0, 1) with sha256, so splits are identical across runs and machines.
+
+    Python's ``hash`` is salted per process, which would silently leak eval items into training.
+    """
+    digest = hashlib.sha256(text.encode("utf-8")).digest()
+    return int.from_bytes(digest[:8], "big") / 2**64
+
+
+def is_heldout(text: str, heldout_fraction: float) -> bool:
+    """Whether ``text`` falls in the held-out part of the space."""
+    return stable_fraction(text) < heldout_fraction
+
+
+def check_heldout_fraction(heldout_fraction: float) -> float:
+    """Validate the split fraction; 1.0 would leave no training problems (infinite rejection)."""
+    if not 0.0 <= heldout_fraction < 1.0:
+        raise ValueError(f"heldout_fraction must be in [0, 1), got {heldout_fraction}")
+    return float(heldout_fraction)
+
+
+def canonical_number(value: Fraction | int | str) -> str:
+    """Canonical string for a number: integers exactly ("65", "-3"), otherwise a plain decimal
+    rounded to 6 significant digits with trailing zeros stripped ("2.5", "0.333333").
+
+    Never uses exponent notation, so the string is what a model would be expected to write.
+    """
+    frac = Fraction(value)
+    if frac.denominator == 1:
+        return str(frac.numerator)
+    with localcontext() as ctx:
+        # Decimal division is correctly rounded, so prec=6 gives exactly 6 significant digits.
+        ctx.prec = 6
+        ctx.rounding = ROUND_HALF_UP
+        dec = Decimal(frac.numerator) / Decimal(frac.denominator)
+    text = format(dec, "f")
+    if "." in text:
+        text = text.rstrip("0").rstrip(".")
+    return text
