@@ -20,6 +20,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from selfimprove import distributed as dist
+from selfimprove import faults
 
 
 def write_json(path: Path, obj: Any) -> None:
@@ -83,6 +84,7 @@ def save(
     rng["numpy"] = {"state": torch.from_numpy(rng["numpy"][1].astype(np.int64)), "pos": rng["numpy"][2]}
     torch.save(rng, tmp / f"rng-rank{dist.rank()}.pt")
     dist.barrier()
+    faults.point(f"checkpoint:{name}")
     if dist.is_main():
         shutil.rmtree(final, ignore_errors=True)
         os.replace(tmp, final)

@@ -60,7 +60,7 @@ def _eval(args: list[str]) -> None:
     from selfimprove.evaluate import evaluate_run
 
     run_dir = None
-    if args and not ("=" in args[0]) and Path(args[0], "config.yaml").exists():
+    if args and "=" not in args[0] and Path(args[0], "config.yaml").exists():
         run_dir, args = Path(args[0]), args[1:]
     with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
         if run_dir is not None:

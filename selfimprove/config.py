@@ -12,7 +12,7 @@ import importlib
 import inspect
 import typing
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Any
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
@@ -37,7 +37,7 @@ class LoopConfig:
 @dataclass
 class ModelConfig:
     kind: str = "embedded"  # embedded | hf | tiny
-    path: Optional[str] = None  # hf: a local folder or a cached hub id (offline)
+    path: str | None = None  # hf: a local folder or a cached hub id (offline)
     dtype: str = "float32"
     # tiny only: a randomly initialised model of the same architecture and tokenizer
     hidden_size: int = 64
@@ -89,6 +89,8 @@ class EMAConfig:
 class EvalConfig:
     n_problems: int = 300
     k: int = 8  # samples per held-out problem for pass@k / maj@k (0: greedy only)
+    k_problems: int = 100  # pass@k / maj@k on the first k_problems held-out problems
+    k_every_round: bool = False  # else only before the first and after the last round
     temperature: float = 1.0
     batch_size: int = 64
     max_new_tokens: int = 6
@@ -106,7 +108,7 @@ class LoggerConfig:
 class Config:
     recipe: str = "quickstart"
     seed: int = 0
-    resume: Optional[str] = None  # None | auto
+    resume: str | None = None  # None | auto
     run: RunConfig = field(default_factory=RunConfig)
     loop: LoopConfig = field(default_factory=LoopConfig)
     model: ModelConfig = field(default_factory=ModelConfig)

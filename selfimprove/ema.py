@@ -31,9 +31,7 @@ class EMA:
     so updating every k steps still follows the schedule; the first update (step 0) copies.
     """
 
-    def __init__(
-        self, model: nn.Module, warmup: int = 10, power: float = 0.5, floor: float = 1e-4
-    ) -> None:
+    def __init__(self, model: nn.Module, warmup: int = 10, power: float = 0.5, floor: float = 1e-4) -> None:
         self.warmup = warmup
         self.power = power
         self.floor = floor

@@ -16,27 +16,41 @@ from selfimprove import distributed as dist
 from selfimprove import phases
 
 
-def evaluate(cfg: DictConfig, folder: Path, *, task, model, sampler, ema=None) -> dict:
+def evaluate(cfg: DictConfig, folder: Path, *, task, model, sampler, ema=None, with_k: bool = True) -> dict:
     """Metrics named eval/* (raw weights) and eval_ema/* (EMA weights); shards cached in `folder`."""
     out: dict = {}
     problems = task.eval_problems(cfg.eval.n_problems)
     gen = dict(max_new_tokens=cfg.eval.max_new_tokens, record=False)
-    common = dict(model=model, sampler=sampler, task=task, batch_size=cfg.eval.batch_size,
-                  timer={}, should_stop=lambda: False)
+    common = dict(
+        model=model,
+        sampler=sampler,
+        task=task,
+        batch_size=cfg.eval.batch_size,
+        timer={},
+        should_stop=lambda: False,
+    )
     for which in cfg.ema.evaluate:
         weights = ema.swapped_in(model) if which == "ema" and ema is not None else contextlib.nullcontext()
         with weights:
             greedy, _ = phases.sample_units(
-                folder / f"{which}-greedy", problems, n=1, gen={**gen, "greedy": True},
-                seed_of_unit=lambda u: 0, desc=f"eval {which} greedy", **common,
+                folder / f"{which}-greedy",
+                problems,
+                n=1,
+                gen={**gen, "greedy": True},
+                seed_of_unit=lambda u: 0,
+                desc=f"eval {which} greedy",
+                **common,
             )
             sampled = []
-            if cfg.eval.k > 0:
+            if cfg.eval.k > 0 and with_k:
                 sampled, _ = phases.sample_units(
-                    folder / f"{which}-k{cfg.eval.k}", problems, n=cfg.eval.k,
+                    folder / f"{which}-k{cfg.eval.k}",
+                    problems[: cfg.eval.k_problems],
+                    n=cfg.eval.k,
                     gen={**gen, "temperature": cfg.eval.temperature},
                     seed_of_unit=lambda u: dist.derive_seed(cfg.seed, "eval", u),
-                    desc=f"eval {which} k={cfg.eval.k}", **common,
+                    desc=f"eval {which} k={cfg.eval.k}",
+                    **common,
                 )
         prefix = "eval/" if which == "raw" else "eval_ema/"
         out.update({prefix + k: v for k, v in phases.eval_summary(greedy, sampled, cfg.eval.k).items()})

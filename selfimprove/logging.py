@@ -62,4 +62,6 @@ class MetricsLogger:
 
 
 def progress(total: int, desc: str, initial: int = 0) -> tqdm:
-    return tqdm(total=total, desc=desc, initial=initial, disable=not dist.is_main(), dynamic_ncols=True, leave=False)
+    return tqdm(
+        total=total, desc=desc, initial=initial, disable=not dist.is_main(), dynamic_ncols=True, leave=False
+    )

@@ -7,6 +7,7 @@ checkpoint's journal. So a run killed anywhere continues from the phase it was i
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import signal
@@ -19,7 +20,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from transformers import get_scheduler
 
-from selfimprove import checkpoint, models, phases
+from selfimprove import checkpoint, faults, models, phases
 from selfimprove import distributed as dist
 from selfimprove.config import ConfigError, resume_diff
 from selfimprove.ema import EMA
@@ -115,7 +116,7 @@ def run(cfg: DictConfig) -> dict:
     _trim_metrics(run_dir / "metrics.jsonl", journal)
 
     def weights_for(which: str):
-        return ema.swapped_in(raw) if which == "ema" and ema is not None else _nothing()
+        return ema.swapped_in(raw) if which == "ema" and ema is not None else contextlib.nullcontext()
 
     def save(round_: int, phase: str, update_step: int) -> None:
         journal.update(round=round_, phase=phase, update_step=update_step)
@@ -142,26 +143,46 @@ def run(cfg: DictConfig) -> dict:
             problems = [task.train_problem(start + i) for i in range(cfg.loop.prompts_per_round)]
             with weights_for(cfg.ema.sample_from):
                 rows, stopped = phases.sample_units(
-                    folder / "samples", problems, model=raw, sampler=sampler, task=task, n=cfg.sampler.n,
+                    folder / "samples",
+                    problems,
+                    model=raw,
+                    sampler=sampler,
+                    task=task,
+                    n=cfg.sampler.n,
                     batch_size=cfg.sampler.batch_size,
-                    gen=dict(max_new_tokens=cfg.sampler.max_new_tokens, temperature=cfg.sampler.temperature,
-                             top_p=cfg.sampler.top_p),
+                    gen=dict(
+                        max_new_tokens=cfg.sampler.max_new_tokens,
+                        temperature=cfg.sampler.temperature,
+                        top_p=cfg.sampler.top_p,
+                    ),
                     seed_of_unit=lambda u: dist.derive_seed(cfg.seed, round_, "sample", u),
-                    timer=timer, should_stop=should_stop, desc=f"round {round_} sample",
+                    timer=timer,
+                    should_stop=should_stop,
+                    desc=f"round {round_} sample",
+                    fault=f"sample:r{round_}",
                 )
             if stopped:
                 return _preempted(run_dir)
             seconds["sample"] = time.perf_counter() - t0
+            record["sample/tokens"] = sum(len(r["completion_ids"]) for r in rows)
 
             # verify: every scorer attaches a score to every sample
             t0 = time.perf_counter()
             base_fn = None
             if needs_base:
-                base_fn = phases.base_logprob_fn(frozen if frozen is not None else raw, pad, cfg.sampler.batch_size)
+                base_fn = phases.base_logprob_fn(
+                    frozen if frozen is not None else raw, pad, cfg.sampler.batch_size
+                )
             units = phases.n_units(len(problems), cfg.sampler.n, cfg.sampler.batch_size)
-            with models.base_model(raw) if frozen is None else _nothing():
-                rows = phases.verify_units(folder / "samples", folder / "scored", units,
-                                           scorers=scorers, base_logprobs=base_fn, timer=timer)
+            with models.base_model(raw) if frozen is None else contextlib.nullcontext():
+                rows = phases.verify_units(
+                    folder / "samples",
+                    folder / "scored",
+                    units,
+                    scorers=scorers,
+                    base_logprobs=base_fn,
+                    timer=timer,
+                )
             seconds["verify"] = time.perf_counter() - t0
 
             # select: scored samples -> training examples (same result on every rank)
@@ -170,6 +191,7 @@ def run(cfg: DictConfig) -> dict:
             examples = [rows[i] for i in chosen]
             record.update(summarize_round(rows, chosen, [s.name for s in scorers]))
             seconds["select"] = time.perf_counter() - t0
+            faults.point(f"phase:r{round_}:select")
 
             # update (+ EMA after every optimizer step)
             t0 = time.perf_counter()
@@ -183,60 +205,89 @@ def run(cfg: DictConfig) -> dict:
                     if ema is not None:
                         ema.update(raw, journal["global_step"])
                     journal["global_step"] += 1
-                    logger.log({"round": round_, "step": journal["global_step"], **metrics}, journal["global_step"])
+                    logger.log(
+                        {"round": round_, "step": journal["global_step"], **metrics}, journal["global_step"]
+                    )
                     bar.update(1)
+                    faults.point(f"update:r{round_}:s{step}")
                     if should_stop():
                         save(round_, "update", step)
                         return True
                     return False
 
                 t_fb = time.perf_counter()
-                update(accelerator, model, optimizer, scheduler, objective, examples, cfg=cfg.trainer, pad=pad,
-                       seed_of_step=lambda s: dist.derive_seed(cfg.seed, round_, "train", s),
-                       start_step=journal["update_step"] if journal["round"] == round_ else 0,
-                       after_step=after_step)
+                update(
+                    accelerator,
+                    model,
+                    optimizer,
+                    scheduler,
+                    objective,
+                    examples,
+                    cfg=cfg.trainer,
+                    pad=pad,
+                    seed_of_step=lambda s: dist.derive_seed(cfg.seed, round_, "train", s),
+                    start_step=journal["update_step"] if journal["round"] == round_ else 0,
+                    after_step=after_step,
+                )
                 timer["train"] = time.perf_counter() - t_fb
                 bar.close()
                 if _stop["requested"]:
                     return _preempted(run_dir)
             seconds["update"] = time.perf_counter() - t0
+            record["phase_seconds"] = seconds
+            if dist.is_main():  # a run resumed at its evaluation still reports this round's training
+                checkpoint.write_json(folder / "train_metrics.json", record)
             save(round_, "evaluate", 0)
+        elif round_ > 0 and (folder / "train_metrics.json").exists():
+            record = json.loads((folder / "train_metrics.json").read_text())
+            seconds = record["phase_seconds"]
 
         # evaluate (held-out; cached on disk, so a resumed run does not redo it)
         t0 = time.perf_counter()
         if round_ == 0 and not cfg.eval.before:
             continue
         if round_ == 0 or round_ % cfg.eval.every == 0 or round_ == cfg.loop.rounds:
-            record.update(evaluate(cfg, folder / "eval", task=task, model=raw, sampler=sampler, ema=ema))
+            record.update(
+                evaluate(
+                    cfg,
+                    folder / "eval",
+                    task=task,
+                    model=raw,
+                    sampler=sampler,
+                    ema=ema,
+                    with_k=cfg.eval.k_every_round or round_ in (0, cfg.loop.rounds),
+                )
+            )
         seconds["evaluate"] = time.perf_counter() - t0
-        gen_tokens = sum(len(r["completion_ids"]) for r in rows) if round_ > 0 else 0
-        record.update({
-            "step": journal["global_step"],
-            "phase_seconds": seconds,
-            "round_seconds": sum(seconds.values()),
-            "tokens_per_second": gen_tokens / timer["generate"] if timer.get("generate") else None,
-            "compute_seconds": timer,
-        })
+        record.update(
+            {
+                "step": journal["global_step"],
+                "phase_seconds": seconds,
+                "round_seconds": sum(seconds.values()),
+                "tokens_per_second": record.get("sample/tokens", 0) / timer["generate"]
+                if timer.get("generate")
+                else None,
+                "compute_seconds": timer,
+            }
+        )
         logger.log(record, journal["global_step"])
         if dist.is_main():
-            checkpoint.write_json(folder.parent / f"r{round_:04d}" / "metrics.json", record) if folder.exists() else None
+            folder.mkdir(parents=True, exist_ok=True)
+            checkpoint.write_json(folder / "metrics.json", record)
             shown = {k: v for k, v in record.items() if k.startswith(("eval", "select/acc", "sample/acc"))}
-            print(f"[selfimprove] round {round_}: " + ", ".join(f"{k}={v:.3f}" for k, v in shown.items() if isinstance(v, float)))
+            print(
+                f"[selfimprove] round {round_}: "
+                + ", ".join(f"{k}={v:.3f}" for k, v in shown.items() if isinstance(v, float))
+            )
         journal.update(round=round_ + 1, phase="sample", update_step=0)
         last = record
     logger.close()
     return last
 
 
-class _nothing:
-    def __enter__(self):
-        return None
-
-    def __exit__(self, *exc):
-        return False
-
-
 def _preempted(run_dir: Path) -> dict:
     if dist.is_main():
-        print(f"[selfimprove] stopped by signal; continue with: selfimprove train resume=auto run.dir={run_dir}")
+        print(
+            f"[selfimprove] stopped by signal; continue with: selfimprove train resume=auto run.dir={run_dir}"
+        )
     return {"preempted": True}

@@ -81,8 +81,7 @@ def ece(probs: Sequence[float], labels: Sequence[bool], bins: int = 10) -> float
         hits[b].append(float(y))
     total = len(probs)
     return sum(
-        len(conf[b]) / total * abs(sum(hits[b]) / len(hits[b]) - sum(conf[b]) / len(conf[b]))
-        for b in conf
+        len(conf[b]) / total * abs(sum(hits[b]) / len(hits[b]) - sum(conf[b]) / len(conf[b])) for b in conf
     )
 
 
@@ -115,9 +114,7 @@ def summarize_round(rows: list[dict], selected: list[int], scorer_names: list[st
         "sample/n": len(rows),
         "sample/n_prompts": len(by_prompt),
         "sample/accuracy": accuracy([r["correct"] for r in rows]),
-        "sample/pass_at_k": accuracy(
-            [pass_at_k(len(g), n_correct[p], len(g)) for p, g in by_prompt.items()]
-        ),
+        "sample/pass_at_k": accuracy([pass_at_k(len(g), n_correct[p], len(g)) for p, g in by_prompt.items()]),
         "sample/maj_at_k": maj_at_k(
             {p: [(r["answer"], r["correct"]) for r in g] for p, g in by_prompt.items()}
         ),
@@ -126,7 +123,5 @@ def summarize_round(rows: list[dict], selected: list[int], scorer_names: list[st
     }
     for name in scorer_names:
         scored = [r for r in rows if f"score/{name}" in r]
-        out[f"auroc/{name}"] = auroc(
-            [r[f"score/{name}"] for r in scored], [r["correct"] for r in scored]
-        )
+        out[f"auroc/{name}"] = auroc([r[f"score/{name}"] for r in scored], [r["correct"] for r in scored])
     return out

@@ -8,10 +8,11 @@ resumes without losing or repeating a sample, and resumes on any number of ranks
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 from selfimprove import distributed as dist
+from selfimprove import faults
 from selfimprove.checkpoint import read_table, write_table
 from selfimprove.logging import progress
 from selfimprove.metrics import maj_at_k, pass_at_k
@@ -52,6 +53,7 @@ def sample_units(
     timer: Timer,
     should_stop: Callable[[], bool],
     desc: str,
+    fault: str = "",
 ) -> tuple[list[dict], bool]:
     """Generates n completions per problem, unit by unit. Returns (all rows, stopped early)."""
     units = _units(len(problems), n, batch_size)
@@ -80,6 +82,7 @@ def sample_units(
                 }
             )
         write_table(_shard(folder, u), rows)
+        faults.point(f"{fault}:u{u}")
         bar.update(dist.world())
         if should_stop():
             bar.close()
@@ -130,7 +133,9 @@ def eval_summary(greedy: list[dict], sampled: list[dict], k: int) -> dict[str, f
         groups: dict[str, list] = {}
         for r in sampled:
             groups.setdefault(r["prompt_id"], []).append((r["answer"], r["correct"]))
-        out["pass_at_k"] = sum(pass_at_k(len(g), sum(c for _, c in g), k) for g in groups.values()) / len(groups)
+        out["pass_at_k"] = sum(pass_at_k(len(g), sum(c for _, c in g), k) for g in groups.values()) / len(
+            groups
+        )
         out["maj_at_k"] = maj_at_k(groups)
         out["k"] = k
         out["sample_accuracy"] = sum(r["correct"] for r in sampled) / len(sampled)

@@ -174,9 +174,7 @@ def curated_update(p0: list[float], r: list[float], K: int) -> list[float]:
     w = [math.exp(x - top) for x in r]  # e^r up to a common factor, which cancels
     out = [0.0] * len(p0)
     for counts in _compositions(K - 1, len(support)):
-        logp = math.lgamma(K) + sum(
-            c * math.log(p0[j]) - math.lgamma(c + 1) for c, j in zip(counts, support)
-        )
+        logp = math.lgamma(K) + sum(c * math.log(p0[j]) - math.lgamma(c + 1) for c, j in zip(counts, support))
         prob = math.exp(logp)
         others = sum(c * w[j] for c, j in zip(counts, support))
         for j in support:

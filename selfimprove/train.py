@@ -11,7 +11,7 @@ from __future__ import annotations
 import contextlib
 import math
 import random
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 
@@ -66,7 +66,10 @@ def update(
         micro = [chosen[i : i + cfg.micro_batch_size] for i in range(0, len(chosen), cfg.micro_batch_size)]
         n_tokens = sum(len(e["completion_ids"]) for e in chosen)
         per_rank = math.ceil(len(micro) / world)
-        mine = [(micro[j], 1.0) if j < len(micro) else (micro[0], 0.0) for j in range(rank, per_rank * world, world)]
+        mine = [
+            (micro[j], 1.0) if j < len(micro) else (micro[0], 0.0)
+            for j in range(rank, per_rank * world, world)
+        ]
         loss_total = 0.0
         for j, (mb, weight) in enumerate(mine):
             batch = {k: v.to(accelerator.device) for k, v in collate(mb, pad).items()}

@@ -80,9 +80,7 @@ class HFSampler:
         """
         limit = getattr(model.config, "max_position_embeddings", None)
         if limit and max(len(p) for p in prompts) + max_new_tokens > limit:
-            raise ValueError(
-                f"prompt + max_new_tokens exceeds the model's context of {limit} tokens"
-            )
+            raise ValueError(f"prompt + max_new_tokens exceeds the model's context of {limit} tokens")
         pad = self.tokenizer.pad_token_id
         width = max(len(p) for p in prompts)
         input_ids = torch.full((len(prompts), width), pad, dtype=torch.long)

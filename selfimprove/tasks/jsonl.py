@@ -134,9 +134,7 @@ class JsonlTask(Task):
         if index < 0:
             raise ValueError(f"train index must be non-negative, got {index}")
         if not self._train:
-            raise ValueError(
-                f"{self.path}: no training rows (heldout_fraction={self.heldout_fraction})"
-            )
+            raise ValueError(f"{self.path}: no training rows (heldout_fraction={self.heldout_fraction})")
         epoch, pos = divmod(index, len(self._train))
         return self._problem(f"train-{index}", self._train[self._permutation(epoch)[pos]])
 

@@ -1,0 +1,46 @@
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("WANDB_MODE", "offline")
+
+# The tiny test recipe: the quickstart loop (label-free best-of-n by base log-prob, LoRA, EMA) at toy size.
+TINY = [
+    "recipe=quickstart",
+    "model=tiny",
+    "loop.rounds=2",
+    "loop.prompts_per_round=8",
+    "sampler.n=4",
+    "sampler.batch_size=16",
+    "eval.n_problems=16",
+    "eval.k=2",
+    "eval.k_problems=8",
+    "eval.batch_size=16",
+    "trainer.steps_per_round=3",
+    "trainer.micro_batch_size=4",
+    "trainer.grad_accum=2",
+    "ema.enabled=true",
+    "ema.evaluate=[raw,ema]",
+]
+
+
+def run_cli(args: list[str], *, env: dict | None = None, launcher: list[str] | None = None, check: bool = True):
+    cmd = (launcher or [sys.executable, "-m"]) + ["selfimprove", *args]
+    full_env = {**os.environ, **(env or {})}
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=full_env, timeout=600)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{cmd} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
+    return proc
+
+
+@pytest.fixture(scope="session")
+def baseline_run(tmp_path_factory) -> Path:
+    """One uninterrupted tiny run, shared by the resume and two-rank tests."""
+    run_dir = tmp_path_factory.mktemp("baseline") / "run"
+    run_cli(["train", *TINY, f"run.dir={run_dir}"])
+    return run_dir

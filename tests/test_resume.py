@@ -1,0 +1,78 @@
+"""Kill -9 a run at several points, resume it, and get bit-identical weights and the same samples."""
+
+import json
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+import torch
+from conftest import TINY, run_cli
+from safetensors.torch import load_file
+
+
+def final_state(run_dir: Path) -> dict[str, torch.Tensor]:
+    ckpt = run_dir / "checkpoints" / (run_dir / "checkpoints" / "latest").read_text().strip()
+    state = load_file(ckpt / "model.safetensors")
+    state.update({f"ema.{k}": v for k, v in load_file(ckpt / "ema.safetensors").items()})
+    return state
+
+
+def samples(run_dir: Path, round_: int) -> list[tuple]:
+    table = pq.read_table(run_dir / "rounds" / f"r{round_:04d}" / "samples").to_pylist()
+    return sorted((r["prompt_id"], r["sample_idx"], tuple(r["completion_ids"])) for r in table)
+
+
+@pytest.mark.parametrize(
+    "crash_at",
+    [
+        "sample:r1:u0",  # mid-sampling: one unit written, the other not
+        "phase:r1:select",  # between phases: samples scored and selected, no update yet
+        "update:r2:s1",  # mid-update: an optimizer step taken, no checkpoint for it
+        "checkpoint:r0001-s000003",  # during a checkpoint write, before its rename
+    ],
+)
+def test_kill_and_resume_is_bit_identical(tmp_path, baseline_run, crash_at):
+    run_dir = tmp_path / "run"
+    killed = run_cli(["train", *TINY, f"run.dir={run_dir}"], env={"SELFIMPROVE_CRASH_AT": crash_at}, check=False)
+    assert killed.returncode == -9, killed.stderr[-2000:]
+    latest = run_dir / "checkpoints" / "latest"
+    if latest.exists():  # `latest` always names a complete checkpoint
+        assert (run_dir / "checkpoints" / latest.read_text().strip() / "journal.json").exists()
+    if crash_at.startswith("checkpoint"):
+        assert not latest.exists()  # the interrupted write never became `latest`
+        assert (run_dir / "checkpoints" / ".tmp-r0001-s000003").exists()
+
+    run_cli(["train", *TINY, f"run.dir={run_dir}", "resume=auto"])
+
+    want, got = final_state(baseline_run), final_state(run_dir)
+    assert want.keys() == got.keys()
+    for name in want:
+        assert torch.equal(want[name], got[name]), name
+    for round_ in (1, 2):
+        rows = samples(run_dir, round_)
+        assert rows == samples(baseline_run, round_)
+        assert len({r[:2] for r in rows}) == len(rows) == 8 * 4  # no sample lost or duplicated
+    lines = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [x["round"] for x in lines if "eval/accuracy" in x] == [0, 1, 2]
+    assert [x["step"] for x in lines if "train/loss" in x] == list(range(1, 7))
+
+
+def test_resume_refuses_incompatible_change(baseline_run):
+    proc = run_cli(["train", *TINY, f"run.dir={baseline_run}", "resume=auto", "trainer.lr=0.5"], check=False)
+    assert proc.returncode != 0
+    assert "trainer.lr: 0.0003 -> 0.5" in proc.stderr
+
+
+def test_resume_allows_more_rounds(tmp_path, baseline_run):
+    import shutil
+
+    run_dir = tmp_path / "run"
+    shutil.copytree(baseline_run, run_dir)
+    run_cli(["train", *TINY, f"run.dir={run_dir}", "resume=auto", "loop.rounds=3"])
+    lines = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [x["round"] for x in lines if "eval/accuracy" in x] == [0, 1, 2, 3]
+
+
+def test_existing_run_without_resume_is_refused(baseline_run):
+    proc = run_cli(["train", *TINY, f"run.dir={baseline_run}"], check=False)
+    assert proc.returncode != 0 and "resume=auto" in proc.stderr
