@@ -205,6 +205,13 @@ def validate_targets(cfg: DictConfig) -> None:
                 f"selector.score: '{score}' is not produced by any verifier "
                 f"(verifiers give: {sorted(_scorer_names(container))})"
             )
+    if cfg.sampler.backend != "hf":
+        raise ConfigError(
+            f"sampler.backend: {cfg.sampler.backend!r} is not available; this version samples with 'hf' "
+            "(transformers generate). vLLM needs a GPU and the 'vllm' extra: pip install 'selfimprove[vllm]'"
+        )
+    if cfg.model.kind not in ("embedded", "hf", "tiny"):
+        raise ConfigError(f"model.kind: {cfg.model.kind!r} is not embedded|hf|tiny")
     if cfg.ema.sample_from not in ("raw", "ema"):
         raise ConfigError(f"ema.sample_from: {cfg.ema.sample_from!r} is not raw|ema")
     for which in cfg.ema.evaluate:

@@ -100,7 +100,10 @@ def test_prompt_longer_than_context_is_an_error(tmp_path):
 def test_zero_selected_skips_the_update(tmp_path):
     # The random tiny model never answers correctly, so the oracle filter keeps nothing.
     run_dir = tmp_path / "r"
-    proc = run_cli(["train", *TINY, "recipe=oracle_sft", f"run.dir={run_dir}", "loop.rounds=1", "eval.k=0"])
+    proc = run_cli(
+        ["train", *TINY, "recipe=oracle_sft", f"run.dir={run_dir}", "loop.rounds=1", "eval.k=0", "logger=tensorboard"]
+    )
+    assert list((run_dir / "tensorboard").glob("events.out.tfevents.*"))
     assert "0 samples selected, skipping the update" in proc.stdout
     lines = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert lines[-1]["update/skipped"] is True and lines[-1]["select/n"] == 0

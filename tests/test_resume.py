@@ -76,3 +76,38 @@ def test_resume_allows_more_rounds(tmp_path, baseline_run):
 def test_existing_run_without_resume_is_refused(baseline_run):
     proc = run_cli(["train", *TINY, f"run.dir={baseline_run}"], check=False)
     assert proc.returncode != 0 and "resume=auto" in proc.stderr
+
+
+def test_sigterm_checkpoints_and_resumes(tmp_path, baseline_run):
+    """SLURM-style preemption: SIGTERM writes a checkpoint, exits cleanly, and resume=auto finishes
+    with the same weights as a run never interrupted."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    run_dir = tmp_path / "run"
+    cmd = [sys.executable, "-m", "selfimprove", "train", *TINY, f"run.dir={run_dir}"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=os.environ)
+    metrics = run_dir / "metrics.jsonl"
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None:  # wait for the first optimizer step
+        if metrics.exists() and "train/loss" in metrics.read_text():
+            break
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0, err[-2000:]
+    assert "stopped by signal" in out
+    run_cli(["train", *TINY, f"run.dir={run_dir}", "resume=auto"])
+    want, got = final_state(baseline_run), final_state(run_dir)
+    for name in want:
+        assert torch.equal(want[name], got[name]), name
+
+
+def test_eval_command_on_a_run_folder(baseline_run):
+    proc = run_cli(["eval", str(baseline_run), "eval.n_problems=8", "eval.k=0"])
+    result = json.loads(proc.stdout[proc.stdout.index("{") :])
+    assert 0.0 <= result["eval/accuracy"] <= 1.0 and "eval_ema/accuracy" in result
+    assert result["checkpoint"].endswith("r0002-s000006")
