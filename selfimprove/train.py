@@ -16,20 +16,16 @@ from collections.abc import Callable
 import torch
 
 from selfimprove import distributed as dist
+from selfimprove.sampling.hf import forward_inputs, left_pad
 
 
 def collate(examples: list[dict], pad: int) -> dict[str, torch.Tensor]:
     """Left-padded input ids, attention mask, and labels that are -100 except on completions."""
-    seqs = [e["prompt_ids"] + e["completion_ids"] for e in examples]
-    width = max(len(s) for s in seqs)
-    input_ids = torch.full((len(seqs), width), pad, dtype=torch.long)
-    labels = torch.full((len(seqs), width), -100, dtype=torch.long)
-    attention = torch.zeros_like(input_ids)
-    for i, (s, e) in enumerate(zip(seqs, examples)):
-        input_ids[i, width - len(s) :] = torch.tensor(s)
-        attention[i, width - len(s) :] = 1
+    input_ids, attention = left_pad([e["prompt_ids"] + e["completion_ids"] for e in examples], pad)
+    labels = torch.full_like(input_ids, -100)
+    for i, e in enumerate(examples):
         n = len(e["completion_ids"])
-        labels[i, width - n :] = torch.tensor(e["completion_ids"])
+        labels[i, input_ids.shape[1] - n :] = torch.tensor(e["completion_ids"])
     return {"input_ids": input_ids, "attention_mask": attention, "labels": labels}
 
 
@@ -75,7 +71,9 @@ def update(
             batch = {k: v.to(accelerator.device) for k, v in collate(mb, pad).items()}
             sync = j == len(mine) - 1
             with contextlib.nullcontext() if sync else accelerator.no_sync(model):
-                logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+                logits = model(
+                    **forward_inputs(batch["input_ids"], batch["attention_mask"], accelerator.device)
+                ).logits
                 loss_sum, _, _ = objective(logits, batch)
                 # DDP averages gradients over ranks; scaling by world makes it a global token-mean.
                 accelerator.backward(loss_sum * (weight * world / n_tokens))

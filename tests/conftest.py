@@ -29,12 +29,16 @@ TINY = [
 ]
 
 
-def run_cli(args: list[str], *, env: dict | None = None, launcher: list[str] | None = None, check: bool = True):
+def run_cli(
+    args: list[str], *, env: dict | None = None, launcher: list[str] | None = None, check: bool = True
+):
     cmd = (launcher or [sys.executable, "-m"]) + ["selfimprove", *args]
     full_env = {**os.environ, **(env or {})}
     proc = subprocess.run(cmd, capture_output=True, text=True, env=full_env, timeout=600)
     if check and proc.returncode != 0:
-        raise AssertionError(f"{cmd} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
+        raise AssertionError(
+            f"{cmd} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
+        )
     return proc
 
 

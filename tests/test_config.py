@@ -101,7 +101,15 @@ def test_zero_selected_skips_the_update(tmp_path):
     # The random tiny model never answers correctly, so the oracle filter keeps nothing.
     run_dir = tmp_path / "r"
     proc = run_cli(
-        ["train", *TINY, "recipe=oracle_sft", f"run.dir={run_dir}", "loop.rounds=1", "eval.k=0", "logger=tensorboard"]
+        [
+            "train",
+            *TINY,
+            "recipe=oracle_sft",
+            f"run.dir={run_dir}",
+            "loop.rounds=1",
+            "eval.k=0",
+            "logger=tensorboard",
+        ]
     )
     assert list((run_dir / "tensorboard").glob("events.out.tfevents.*"))
     assert "0 samples selected, skipping the update" in proc.stdout

@@ -33,7 +33,9 @@ def samples(run_dir: Path, round_: int) -> list[tuple]:
 )
 def test_kill_and_resume_is_bit_identical(tmp_path, baseline_run, crash_at):
     run_dir = tmp_path / "run"
-    killed = run_cli(["train", *TINY, f"run.dir={run_dir}"], env={"SELFIMPROVE_CRASH_AT": crash_at}, check=False)
+    killed = run_cli(
+        ["train", *TINY, f"run.dir={run_dir}"], env={"SELFIMPROVE_CRASH_AT": crash_at}, check=False
+    )
     assert killed.returncode == -9, killed.stderr[-2000:]
     latest = run_dir / "checkpoints" / "latest"
     if latest.exists():  # `latest` always names a complete checkpoint

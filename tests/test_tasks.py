@@ -115,9 +115,7 @@ def test_determinism_and_seeds() -> None:
     a, b, c = ArithmeticTask(seed=1), ArithmeticTask(seed=1), ArithmeticTask(seed=2)
     assert [a.train_problem(i) for i in range(50)] == [b.train_problem(i) for i in range(50)]
     assert a.eval_problems(20) == b.eval_problems(20)
-    assert [a.train_problem(i).prefill for i in range(50)] != [
-        c.train_problem(i).prefill for i in range(50)
-    ]
+    assert [a.train_problem(i).prefill for i in range(50)] != [c.train_problem(i).prefill for i in range(50)]
     assert a.train_problem(10**12).answer  # any non-negative index works
     with pytest.raises(ValueError):
         a.train_problem(-1)

@@ -17,7 +17,12 @@ def _metrics(run_dir: Path) -> list[dict]:
 
 def test_two_ranks_match_one(tmp_path, baseline_run):
     run_dir = tmp_path / "run"
-    torchrun = [shutil.which("torchrun") or f"{Path(sys.executable).parent}/torchrun", "--nproc-per-node", "2", "-m"]
+    torchrun = [
+        shutil.which("torchrun") or f"{Path(sys.executable).parent}/torchrun",
+        "--nproc-per-node",
+        "2",
+        "-m",
+    ]
     run_cli(["train", *TINY, f"run.dir={run_dir}"], launcher=torchrun)
 
     for round_ in (1, 2):

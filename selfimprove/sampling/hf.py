@@ -9,6 +9,28 @@ from transformers import GenerationConfig, LogitsProcessor, LogitsProcessorList
 from selfimprove.verify.self_certainty import token_stats
 
 
+def left_pad(seqs: list[list[int]], pad: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token ids and attention mask with every sequence ending at the right edge."""
+    width = max(len(s) for s in seqs)
+    input_ids = torch.full((len(seqs), width), pad, dtype=torch.long)
+    attention = torch.zeros_like(input_ids)
+    for i, s in enumerate(seqs):
+        input_ids[i, width - len(s) :] = torch.tensor(s, dtype=torch.long)
+        attention[i, width - len(s) :] = 1
+    return input_ids, attention
+
+
+def forward_inputs(input_ids: torch.Tensor, attention: torch.Tensor, device) -> dict[str, torch.Tensor]:
+    """Model inputs for a left-padded batch, with positions counted from each sequence's first token
+    (as generate does), so models with absolute position embeddings see the same positions."""
+    positions = (attention.cumsum(-1) - 1).clamp(min=0)
+    return {
+        "input_ids": input_ids.to(device),
+        "attention_mask": attention.to(device),
+        "position_ids": positions.to(device),
+    }
+
+
 class StatsRecorder(LogitsProcessor):
     """Reduces each step's logits to three numbers per sequence and passes them on untouched.
 
@@ -82,12 +104,8 @@ class HFSampler:
         if limit and max(len(p) for p in prompts) + max_new_tokens > limit:
             raise ValueError(f"prompt + max_new_tokens exceeds the model's context of {limit} tokens")
         pad = self.tokenizer.pad_token_id
-        width = max(len(p) for p in prompts)
-        input_ids = torch.full((len(prompts), width), pad, dtype=torch.long)
-        attention = torch.zeros_like(input_ids)
-        for i, p in enumerate(prompts):  # left padding: every prompt ends at the right edge
-            input_ids[i, width - len(p) :] = torch.tensor(p)
-            attention[i, width - len(p) :] = 1
+        input_ids, attention = left_pad(prompts, pad)
+        width = input_ids.shape[1]
         device = next(model.parameters()).device
         gen_cfg = GenerationConfig(
             do_sample=not greedy,
@@ -131,15 +149,11 @@ class HFSampler:
 def sequence_logprobs(model, prompt_ids: list[list[int]], completion_ids: list[list[int]], pad: int):
     """Per-token log-probs of given completions under `model` (one forward pass per batch)."""
     seqs = [p + c for p, c in zip(prompt_ids, completion_ids)]
-    width = max(len(s) for s in seqs)
-    input_ids = torch.full((len(seqs), width), pad, dtype=torch.long)
-    attention = torch.zeros_like(input_ids)
-    for i, s in enumerate(seqs):
-        input_ids[i, width - len(s) :] = torch.tensor(s)
-        attention[i, width - len(s) :] = 1
+    input_ids, attention = left_pad(seqs, pad)
+    width = input_ids.shape[1]
     device = next(model.parameters()).device
     with torch.no_grad():
-        logits = model(input_ids=input_ids.to(device), attention_mask=attention.to(device)).logits
+        logits = model(**forward_inputs(input_ids, attention, device)).logits
     logp = torch.log_softmax(logits[:, :-1].float(), dim=-1)
     token_lp = logp.gather(2, input_ids[:, 1:, None].to(device))[..., 0].cpu()
     return [token_lp[i, width - 1 - len(c) : width - 1].tolist() for i, c in enumerate(completion_ids)]
