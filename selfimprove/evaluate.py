@@ -9,7 +9,6 @@ import contextlib
 import tempfile
 from pathlib import Path
 
-import torch
 from omegaconf import DictConfig
 
 from selfimprove import distributed as dist
@@ -73,10 +72,7 @@ def evaluate_run(cfg: DictConfig, run_dir: Path | None) -> dict:
     if ckpt is not None:
         if cfg.trainer.lora:
             model = models.add_lora(model, cfg.trainer)
-        own = dict(model.named_parameters())
-        with torch.no_grad():
-            for name, value in load_file(ckpt / "model.safetensors").items():
-                own[name].copy_(value)
+        models.load_trainable(model, load_file(ckpt / "model.safetensors"))
         if (ckpt / "ema.safetensors").exists():
             ema = EMA(model, cfg.ema.warmup, cfg.ema.power, cfg.ema.floor)
             ema.load_state_dict(load_file(ckpt / "ema.safetensors"))

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import json
+import resource
 import signal
 import time
 from pathlib import Path
@@ -103,10 +104,7 @@ def run(cfg: DictConfig) -> dict:
     journal = {"round": 0, "phase": "evaluate", "update_step": 0, "global_step": 0}
     if cfg.resume == "auto" and (ckpt := checkpoint.latest(run_dir)) is not None:
         state = checkpoint.load(ckpt, optimizer=optimizer, scheduler=scheduler)
-        own = dict(raw.named_parameters())
-        with torch.no_grad():
-            for name, value in state["weights"].items():
-                own[name].copy_(value)
+        models.load_trainable(raw, state["weights"])
         if ema is not None and state["ema"] is not None:
             ema.load_state_dict(state["ema"])
         journal = state["journal"]
@@ -268,6 +266,7 @@ def run(cfg: DictConfig) -> dict:
                 if timer.get("generate")
                 else None,
                 "compute_seconds": timer,
+                "max_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
             }
         )
         logger.log(record, journal["global_step"])

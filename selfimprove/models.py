@@ -119,6 +119,16 @@ def trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {n: p.detach() for n, p in model.named_parameters() if p.requires_grad}
 
 
+def load_trainable(model: torch.nn.Module, state: dict[str, torch.Tensor]) -> None:
+    """Copies a `trainable_state` back into the model, by name; a missing name is an error."""
+    own = dict(model.named_parameters())
+    with torch.no_grad():
+        for name, value in state.items():
+            if name not in own:
+                raise KeyError(f"checkpoint holds {name!r}, which this model does not have")
+            own[name].copy_(value)
+
+
 @contextlib.contextmanager
 def base_model(model: torch.nn.Module) -> Iterator[torch.nn.Module]:
     """The frozen base: for a LoRA policy, the same model with its adapter switched off.
