@@ -15,6 +15,8 @@ the script checks that both variants produced the same number of tokens and the 
 Timing: (a) is the whole HFSampler.generate call; (b) is only the model.generate call on prebuilt
 tensors. The machine is shared, so the two are interleaved (order alternating) over --repeats
 after one warm-up each, and the median of the per-repeat ratios (a)/(b) is reported (goal >= 0.95).
+Each repeat also times the StatsRecorder alone on stand-in logits (batch x vocab, max_new_tokens
+calls): a low-noise estimate of the ratio, (b) / ((b) + recorder), when the (a)/(b) spread is wide.
 
 Run:  . .venv/bin/activate; HF_HUB_OFFLINE=1 python scripts/bench/sampler_throughput.py [--tiny]
       [--batch 64] [--max-new-tokens 32 6] [--repeats 5]

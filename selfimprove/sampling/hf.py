@@ -150,10 +150,11 @@ def sequence_logprobs(model, prompt_ids: list[list[int]], completion_ids: list[l
     """Per-token log-probs of given completions under `model` (one forward pass per batch)."""
     seqs = [p + c for p, c in zip(prompt_ids, completion_ids)]
     input_ids, attention = left_pad(seqs, pad)
-    width = input_ids.shape[1]
     device = next(model.parameters()).device
+    keep = max(len(c) for c in completion_ids) + 1  # only the positions that predict completions
     with torch.no_grad():
-        logits = model(**forward_inputs(input_ids, attention, device)).logits
+        logits = model(**forward_inputs(input_ids, attention, device), logits_to_keep=keep).logits
     logp = torch.log_softmax(logits[:, :-1].float(), dim=-1)
-    token_lp = logp.gather(2, input_ids[:, 1:, None].to(device))[..., 0].cpu()
-    return [token_lp[i, width - 1 - len(c) : width - 1].tolist() for i, c in enumerate(completion_ids)]
+    targets = input_ids[:, input_ids.shape[1] - keep + 1 :].to(device)
+    token_lp = logp.gather(2, targets[..., None])[..., 0].cpu()
+    return [token_lp[i, keep - 1 - len(c) :].tolist() for i, c in enumerate(completion_ids)]
