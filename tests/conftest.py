@@ -9,9 +9,11 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("WANDB_MODE", "offline")
 
-# The tiny test recipe: the quickstart loop (label-free best-of-n by base log-prob, LoRA, EMA) at toy size.
+# The tiny test recipe: SFT-Sharpening (label-free best-of-n by log-prob under the frozen base, which
+# is the LoRA policy with its adapter off), with EMA, at toy size.
 TINY = [
-    "recipe=quickstart",
+    "recipe=sharpen_sft",
+    "eval.every=1",
     "model=tiny",
     "loop.rounds=2",
     "loop.prompts_per_round=8",

@@ -19,7 +19,7 @@ def cfg_of(*overrides):
         return compose("config", overrides=list(overrides))
 
 
-@pytest.mark.parametrize("recipe", ["quickstart", "sharpen_sft", "oracle_sft"])
+@pytest.mark.parametrize("recipe", ["quickstart", "sharpen_sft", "oracle_sft", "consistency_sft"])
 def test_recipes_compose_and_validate(recipe):
     cfg = cfg_of(f"recipe={recipe}", "model=tiny")
     validate_targets(cfg)
@@ -44,19 +44,19 @@ def test_wrong_type_names_the_key():
 
 
 def test_typo_in_target_group_names_the_key():
-    cfg = cfg_of("+selector.scor=x")
+    cfg = cfg_of("recipe=sharpen_sft", "+selector.scor=x")
     with pytest.raises(ConfigError, match=r"selector\.scor: not a parameter"):
         validate_targets(cfg)
 
 
 def test_wrong_type_in_target_group():
-    cfg = cfg_of("selector.per_prompt=lots")
+    cfg = cfg_of("recipe=sharpen_sft", "selector.per_prompt=lots")
     with pytest.raises(ConfigError, match=r"selector\.per_prompt"):
         validate_targets(cfg)
 
 
 def test_selector_score_must_come_from_a_verifier():
-    cfg = cfg_of("selector.score=p_true")
+    cfg = cfg_of("recipe=sharpen_sft", "selector.score=p_true")
     with pytest.raises(ConfigError, match="not produced by any verifier"):
         validate_targets(cfg)
 
