@@ -25,7 +25,6 @@ class ConfigError(ValueError):
 @dataclass
 class RunConfig:
     dir: str = "runs/${recipe}"
-    name: str = "${recipe}"
 
 
 @dataclass
