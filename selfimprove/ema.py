@@ -7,6 +7,7 @@ to the optimizer.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -97,3 +98,8 @@ class EMA:
             if t.shape != self.shadow[name].shape:
                 raise ValueError(f"shape mismatch for {name}: {tuple(t.shape)}")
             self.shadow[name].copy_(t.to("cpu", torch.float32))
+
+
+def weights(model: nn.Module, ema: EMA | None, which: str):
+    """A context with the raw ("raw") or averaged ("ema") weights in the model."""
+    return ema.swapped_in(model) if which == "ema" and ema is not None else contextlib.nullcontext()

@@ -5,7 +5,6 @@ Used by the loop after each round and by `selfimprove eval` on a run folder or a
 
 from __future__ import annotations
 
-import contextlib
 import tempfile
 from pathlib import Path
 
@@ -13,6 +12,8 @@ from omegaconf import DictConfig
 
 from selfimprove import distributed as dist
 from selfimprove import phases
+from selfimprove.ema import weights
+from selfimprove.metrics import eval_summary
 
 
 def evaluate(cfg: DictConfig, folder: Path, *, task, model, sampler, ema=None, with_k: bool = True) -> dict:
@@ -29,8 +30,7 @@ def evaluate(cfg: DictConfig, folder: Path, *, task, model, sampler, ema=None, w
         should_stop=lambda: False,
     )
     for which in cfg.ema.evaluate:
-        weights = ema.swapped_in(model) if which == "ema" and ema is not None else contextlib.nullcontext()
-        with weights:
+        with weights(model, ema, which):
             greedy, _ = phases.sample_units(
                 folder / f"{which}-greedy",
                 problems,
@@ -52,7 +52,7 @@ def evaluate(cfg: DictConfig, folder: Path, *, task, model, sampler, ema=None, w
                     **common,
                 )
         prefix = "eval/" if which == "raw" else "eval_ema/"
-        out.update({prefix + k: v for k, v in phases.eval_summary(greedy, sampled, cfg.eval.k).items()})
+        out.update({prefix + k: v for k, v in eval_summary(greedy, sampled, cfg.eval.k).items()})
     return out
 
 

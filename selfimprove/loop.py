@@ -24,7 +24,7 @@ from transformers import get_scheduler
 from selfimprove import checkpoint, faults, models, phases
 from selfimprove import distributed as dist
 from selfimprove.config import ConfigError, resume_diff
-from selfimprove.ema import EMA
+from selfimprove.ema import EMA, weights
 from selfimprove.evaluate import evaluate
 from selfimprove.logging import MetricsLogger, progress
 from selfimprove.metrics import summarize_round
@@ -113,9 +113,6 @@ def run(cfg: DictConfig) -> dict:
     logger = MetricsLogger(run_dir, cfg.logger, OmegaConf.to_container(cfg, resolve=True))
     _trim_metrics(run_dir / "metrics.jsonl", journal)
 
-    def weights_for(which: str):
-        return ema.swapped_in(raw) if which == "ema" and ema is not None else contextlib.nullcontext()
-
     def save(round_: int, phase: str, update_step: int) -> None:
         journal.update(round=round_, phase=phase, update_step=update_step)
         checkpoint.save(
@@ -139,7 +136,7 @@ def run(cfg: DictConfig) -> dict:
             t0 = time.perf_counter()
             start = (round_ - 1) * cfg.loop.prompts_per_round
             problems = [task.train_problem(start + i) for i in range(cfg.loop.prompts_per_round)]
-            with weights_for(cfg.ema.sample_from):
+            with weights(raw, ema, cfg.ema.sample_from):
                 rows, stopped = phases.sample_units(
                     folder / "samples",
                     problems,

@@ -125,3 +125,19 @@ def summarize_round(rows: list[dict], selected: list[int], scorer_names: list[st
         scored = [r for r in rows if f"score/{name}" in r]
         out[f"auroc/{name}"] = auroc([r[f"score/{name}"] for r in scored], [r["correct"] for r in scored])
     return out
+
+
+def eval_summary(greedy: list[dict], sampled: list[dict], k: int) -> dict[str, float]:
+    """Held-out metrics: greedy accuracy, and pass@k / maj@k from k samples per problem."""
+    out = {"accuracy": accuracy([r["correct"] for r in greedy])}
+    if sampled:
+        groups: dict[str, list] = {}
+        for r in sampled:
+            groups.setdefault(r["prompt_id"], []).append((r["answer"], r["correct"]))
+        out["pass_at_k"] = sum(pass_at_k(len(g), sum(c for _, c in g), k) for g in groups.values()) / len(
+            groups
+        )
+        out["maj_at_k"] = maj_at_k(groups)
+        out["k"] = k
+        out["sample_accuracy"] = accuracy([r["correct"] for r in sampled])
+    return out

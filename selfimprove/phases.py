@@ -15,7 +15,6 @@ from selfimprove import distributed as dist
 from selfimprove import faults
 from selfimprove.checkpoint import read_table, write_table
 from selfimprove.logging import progress
-from selfimprove.metrics import maj_at_k, pass_at_k
 from selfimprove.sampling import HFSampler, sequence_logprobs
 
 Timer = dict[str, float]
@@ -124,19 +123,3 @@ def base_logprob_fn(model, pad: int, batch_size: int) -> Callable:
         return out
 
     return run
-
-
-def eval_summary(greedy: list[dict], sampled: list[dict], k: int) -> dict[str, float]:
-    """Held-out metrics: greedy accuracy, and pass@k / maj@k from k samples per problem."""
-    out = {"accuracy": sum(r["correct"] for r in greedy) / max(len(greedy), 1)}
-    if sampled:
-        groups: dict[str, list] = {}
-        for r in sampled:
-            groups.setdefault(r["prompt_id"], []).append((r["answer"], r["correct"]))
-        out["pass_at_k"] = sum(pass_at_k(len(g), sum(c for _, c in g), k) for g in groups.values()) / len(
-            groups
-        )
-        out["maj_at_k"] = maj_at_k(groups)
-        out["k"] = k
-        out["sample_accuracy"] = sum(r["correct"] for r in sampled) / len(sampled)
-    return out
