@@ -15,7 +15,13 @@ from omegaconf import DictConfig, OmegaConf
 
 from selfimprove.config import ConfigError, register, validate_targets
 
-CONFIG_DIR = str(Path(__file__).parent / "configs")
+def _config_dir() -> str:
+    """configs/ at the top of the repository (a source checkout), or its copy inside the wheel."""
+    packaged = Path(__file__).parent / "_configs"
+    return str(packaged if packaged.is_dir() else Path(__file__).parents[1] / "configs")
+
+
+CONFIG_DIR = _config_dir()
 USAGE = """usage: selfimprove {{train,eval}} [key=value ...]
 
   train   run (or resume) a recipe:   selfimprove train recipe=oracle_sft model=tiny loop.rounds=2
@@ -40,7 +46,7 @@ def _check(cfg: DictConfig) -> None:
         sys.exit(f"config error: {e}")
 
 
-@hydra.main(config_path="configs", config_name="config", version_base="1.3")
+@hydra.main(config_path=CONFIG_DIR, config_name="config", version_base="1.3")
 def _train(cfg: DictConfig) -> None:
     from hydra.core.hydra_config import HydraConfig
 
