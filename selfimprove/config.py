@@ -9,9 +9,11 @@ and simple types against the target's signature, again before anything heavy hap
 from __future__ import annotations
 
 import importlib
+import importlib.util
 import inspect
 import typing
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from hydra.core.config_store import ConfigStore
@@ -37,7 +39,8 @@ class LoopConfig:
 class ModelConfig:
     kind: str = "embedded"  # embedded | hf | tiny
     path: str | None = None  # hf: a local folder or a cached hub id (offline)
-    dtype: str = "float32"
+    dtype: str = "float32"  # float32 | bfloat16 (fp32 master weights, bf16 autocast) | float16 (no training)
+    attn_implementation: str | None = None  # e.g. sdpa, eager, flash_attention_2; None: transformers' choice
     # tiny only: a randomly initialised model of the same architecture and tokenizer
     hidden_size: int = 64
     num_layers: int = 2
@@ -63,8 +66,11 @@ class TrainerConfig:
     lora_alpha: int = 32
     lora_dropout: float = 0.0
     target_modules: list[str] = field(default_factory=lambda: ["q_proj", "v_proj"])
+    optimizer: str = "adamw"  # adamw | adamw_8bit (needs bitsandbytes) | sgd
     lr: float = 3e-4
     weight_decay: float = 0.0
+    momentum: float = 0.0  # sgd only
+    gradient_checkpointing: bool = False
     max_grad_norm: float = 1.0
     steps_per_round: int = 8  # optimizer steps in each update phase
     micro_batch_size: int = 16
@@ -209,8 +215,11 @@ def validate_targets(cfg: DictConfig) -> None:
             f"sampler.backend: {cfg.sampler.backend!r} is not available; this version samples with 'hf' "
             "(transformers generate). vLLM needs a GPU and the 'vllm' extra: pip install 'selfimprove[vllm]'"
         )
-    if cfg.model.kind not in ("embedded", "hf", "tiny"):
-        raise ConfigError(f"model.kind: {cfg.model.kind!r} is not embedded|hf|tiny")
+    _check_model(cfg)
+    if cfg.trainer.optimizer not in ("adamw", "adamw_8bit", "sgd"):
+        raise ConfigError(f"trainer.optimizer: {cfg.trainer.optimizer!r} is not adamw|adamw_8bit|sgd")
+    if cfg.trainer.optimizer == "adamw_8bit" and importlib.util.find_spec("bitsandbytes") is None:
+        raise ConfigError("trainer.optimizer=adamw_8bit needs bitsandbytes: pip install bitsandbytes")
     if cfg.ema.sample_from not in ("raw", "ema"):
         raise ConfigError(f"ema.sample_from: {cfg.ema.sample_from!r} is not raw|ema")
     for which in cfg.ema.evaluate:
@@ -220,10 +229,37 @@ def validate_targets(cfg: DictConfig) -> None:
         raise ConfigError("ema.sample_from/ema.evaluate use 'ema' but ema.enabled is false")
 
 
+def _check_model(cfg: DictConfig) -> None:
+    model = cfg.model
+    if model.kind not in ("embedded", "hf", "tiny"):
+        raise ConfigError(f"model.kind: {model.kind!r} is not embedded|hf|tiny")
+    if model.dtype not in ("float32", "bfloat16", "float16"):
+        raise ConfigError(f"model.dtype: {model.dtype!r} is not float32|bfloat16|float16")
+    if model.kind == "hf":
+        if not model.path:
+            raise ConfigError("model.path: required with model=hf (a local model folder)")
+        # "org/name" may be a hub id in the local cache; anything else is a path
+        looks_local = model.path.startswith((".", "/", "~")) or model.path.count("/") > 1
+        if looks_local and not Path(model.path).expanduser().exists():
+            raise ConfigError(f"model.path: {model.path} does not exist")
+
+
+def check_trainable(cfg: DictConfig) -> None:
+    """What only training needs: fp16 would need a loss scaler, which this version does not use."""
+    if cfg.model.dtype == "float16":
+        raise ConfigError(
+            "model.dtype=float16 cannot train here (fp16 gradients need a loss scaler): use bfloat16, which "
+            "trains with fp32 master weights, or float32"
+        )
+
+
 def _scorer_names(container: dict) -> set[str]:
     from hydra.utils import instantiate
 
     return {instantiate(v).name for v in container.get("verifiers", {}).values()}
+
+
+CONSTANT_SCHEDULERS = ("constant", "constant_with_warmup")
 
 
 def resume_diff(old: DictConfig, new: DictConfig) -> list[str]:
@@ -231,6 +267,13 @@ def resume_diff(old: DictConfig, new: DictConfig) -> list[str]:
     a = _flatten(OmegaConf.to_container(old, resolve=True))
     b = _flatten(OmegaConf.to_container(new, resolve=True))
     lines = []
+    if a.get("loop.rounds") != b.get("loop.rounds") and a.get("trainer.scheduler") not in CONSTANT_SCHEDULERS:
+        # The schedule's horizon is rounds × steps: changing it would change learning rates already planned.
+        lines.append(
+            f"  loop.rounds: {a.get('loop.rounds')!r} -> {b.get('loop.rounds')!r} (trainer.scheduler="
+            f"{a.get('trainer.scheduler')} spans loop.rounds × trainer.steps_per_round steps; changing the "
+            "number of rounds would change its learning rates: start a new run, or use a constant scheduler)"
+        )
     for key in sorted(set(a) | set(b)):
         if a.get(key) == b.get(key) or any(key == s or key.startswith(s + ".") for s in RESUME_SAFE):
             continue

@@ -12,7 +12,8 @@ from accelerate import PartialState
 
 
 def state() -> PartialState:
-    return PartialState()
+    # Without a GPU, accelerate only sees torchrun's ranks when told it runs on the CPU.
+    return PartialState(cpu=not torch.cuda.is_available())
 
 
 def rank() -> int:
@@ -38,9 +39,10 @@ def my_units(n_units: int) -> list[int]:
 
 
 def all_sum(values: list[float]) -> list[float]:
+    """Sums over ranks, on the backend's device (NCCL takes only CUDA tensors, gloo CPU ones)."""
     if world() == 1:
         return values
-    t = torch.tensor(values, dtype=torch.float64)
+    t = torch.tensor(values, dtype=torch.float64, device=state().device)
     torch.distributed.all_reduce(t)
     return t.tolist()
 

@@ -15,21 +15,29 @@ import torch
 from torch import Tensor, nn
 
 
-def ema_beta(step: int, warmup: int = 10, power: float = 0.5, floor: float = 1e-4) -> float:
-    """beta_t = max((1 + max(0, t - warmup))^(-power), floor).
+def ema_beta(t: int, warmup: int = 10, power: float = 0.5, floor: float = 1e-4) -> float:
+    """beta_t = max((1 + max(0, t - warmup))^(-power), floor), for optimizer step t counted from 1.
 
-    beta = 1 (a plain copy) for t <= warmup: an implicit warm-up. ``power=1, warmup=0``
-    gives beta_t = 1/(1+t), i.e. the running mean of all iterates.
+    beta = 1 (a plain copy) for t <= warmup: an implicit warm-up; the defaults give .7071 at t=11.
+    ``power=1, warmup=1`` gives beta_t = 1/t: the running mean of the iterates theta_1..theta_t.
+    (``warmup=0`` gives 1/(1+t), a running mean that also counts the weights the EMA started from.)
     """
-    return max((1.0 + max(0, step - warmup)) ** (-power), floor)
+    if t < 1:
+        raise ValueError(f"EMA step t counts optimizer steps from 1 (t=1 after the first step); got t={t}")
+    return max((1.0 + max(0, t - warmup)) ** (-power), floor)
 
 
 class EMA:
     """fp32 CPU averages of the model's trainable parameters, keyed by parameter name.
 
     Only ``requires_grad`` parameters are tracked (with LoRA: just the adapter), since frozen
-    ones never change. ``step`` is the global optimizer step, not the number of updates,
-    so updating every k steps still follows the schedule; the first update (step 0) copies.
+    ones never change. ``update`` takes t, the global optimizer step counted from 1 (HF's
+    ``global_step`` after the step), not the number of updates, so updating every k steps still
+    follows the schedule. Steps t <= warmup copy the weights.
+
+    LoRA: the A and B factors are averaged separately, so the averaged adapter applies
+    avg(B) @ avg(A), which is not the average update avg(B @ A). That is cheap and keeps the
+    average loadable as an ordinary adapter; the two agree when A or B stays constant.
     """
 
     def __init__(self, model: nn.Module, warmup: int = 10, power: float = 0.5, floor: float = 1e-4) -> None:
@@ -52,9 +60,10 @@ class EMA:
         return params
 
     @torch.no_grad()
-    def update(self, model: nn.Module, step: int) -> float:
-        """Fold the current weights in with beta = ema_beta(step); returns beta for logging."""
-        beta = ema_beta(step, self.warmup, self.power, self.floor)
+    def update(self, model: nn.Module, t: int) -> float:
+        """Fold the current weights in with beta = ema_beta(t), after optimizer step t (counted
+        from 1: pass 1 after the first step). Returns beta, for logging; ValueError if t < 1."""
+        beta = ema_beta(t, self.warmup, self.power, self.floor)
         params = self._params(model)
         for name, avg in self.shadow.items():
             cur = params[name].detach().to("cpu", torch.float32)
@@ -100,6 +109,6 @@ class EMA:
             self.shadow[name].copy_(t.to("cpu", torch.float32))
 
 
-def weights(model: nn.Module, ema: EMA | None, which: str):
+def weights(model: nn.Module, ema: EMA | None, which: str) -> contextlib.AbstractContextManager:
     """A context with the raw ("raw") or averaged ("ema") weights in the model."""
     return ema.swapped_in(model) if which == "ema" and ema is not None else contextlib.nullcontext()

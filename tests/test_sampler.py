@@ -1,12 +1,14 @@
-"""Log-probs and self-certainty captured during generation equal a separate forward pass."""
+"""Log-probs and self-certainty captured during generation equal a separate forward pass, and
+decoding is what the sampler asks for, whatever generation defaults the model was saved with."""
 
 import pytest
 import torch
 from omegaconf import OmegaConf
+from transformers import AutoModelForCausalLM, GenerationConfig
 
 from selfimprove import models
 from selfimprove.config import ModelConfig
-from selfimprove.sampling import HFSampler, sequence_logprobs
+from selfimprove.sampling import HFSampler, neutral_generation_defaults, sequence_logprobs
 from selfimprove.tasks import ArithmeticTask
 from selfimprove.verify.self_certainty import token_stats
 
@@ -17,18 +19,62 @@ def tiny():
     return models.load_model(cfg), models.load_tokenizer(cfg)
 
 
-@pytest.mark.parametrize("temperature", [1.0, 0.5])
-def test_recorded_stats_match_a_forward_pass(tiny, temperature):
-    model, tok = tiny
-    sampler = HFSampler(tok)
+# Generation defaults that would change every decoding they leaked into: sampling, top-k, a penalty.
+OPINIONS = {"do_sample": True, "temperature": 0.3, "top_k": 5, "repetition_penalty": 1.8}
+LORA = OmegaConf.create(
+    {"lora_r": 4, "lora_alpha": 8, "lora_dropout": 0.0, "target_modules": ["q_proj", "v_proj"]}
+)
+
+
+@pytest.fixture(scope="module")
+def opinionated_dir(tmp_path_factory):
+    """A tiny model saved with those defaults in its generation_config.json. Its logits are 10x a
+    random init's, so it repeats tokens and a leaked repetition penalty moves its log-probs by far
+    more than the tolerance (near-uniform logits would hide it)."""
+    model = models.load_model(OmegaConf.structured(ModelConfig(kind="tiny")))
+    with torch.no_grad():
+        model.model.norm.weight.mul_(10.0)
+    model.generation_config = GenerationConfig(**OPINIONS)
+    folder = tmp_path_factory.mktemp("opinionated")
+    model.save_pretrained(folder)
+    return folder
+
+
+def load_opinionated(folder, lora: bool = False):
+    model = AutoModelForCausalLM.from_pretrained(folder).eval()
+    assert model.generation_config.repetition_penalty == OPINIONS["repetition_penalty"]  # they load back
+    if lora:
+        model = models.add_lora(model, LORA)  # a PeftModel: generate runs on the model inside
+    return model
+
+
+@pytest.fixture(scope="module")
+def opinionated(opinionated_dir, tiny):
+    return load_opinionated(opinionated_dir), tiny[1]
+
+
+def mixed_length_prompts(sampler: HFSampler) -> list[list[int]]:
     task = ArithmeticTask()
     prompts = [sampler.encode(task.train_problem(i)) for i in range(3)]
-    prompts = [prompts[0], prompts[1][:-2], prompts[2]]  # different lengths: left padding matters
+    return [prompts[0], prompts[1][:-2], prompts[2]]  # different lengths: left padding matters
+
+
+def completion_logits(model, prompt: list[int], completion: list[int]) -> torch.Tensor:
+    """The logits that predicted each completion token, from one plain forward pass (no generate)."""
+    with torch.no_grad():
+        logits = model(input_ids=torch.tensor([prompt + completion])).logits
+    return logits[0, len(prompt) - 1 : len(prompt) - 1 + len(completion)]
+
+
+@pytest.mark.parametrize("model_name", ["tiny", "opinionated"])
+@pytest.mark.parametrize("temperature", [1.0, 0.5])
+def test_recorded_stats_match_a_forward_pass(request, model_name, temperature):
+    model, tok = request.getfixturevalue(model_name)
+    sampler = HFSampler(tok)
+    prompts = mixed_length_prompts(sampler)
     rows = sampler.generate(model, prompts, max_new_tokens=5, temperature=temperature, seed=1)
     for p, row in zip(prompts, rows):
-        ids = torch.tensor([p + row["completion_ids"]])
-        logits = model(input_ids=ids).logits[0, len(p) - 1 : len(p) - 1 + len(row["completion_ids"])]
-        logp, sc, ent = token_stats(logits)
+        logp, sc, ent = token_stats(completion_logits(model, p, row["completion_ids"]))
         want_lp = logp.gather(1, torch.tensor(row["completion_ids"])[:, None])[:, 0]
         # Recorded from the model's own distribution, before temperature reshapes it.
         torch.testing.assert_close(torch.tensor(row["logprobs"]), want_lp, atol=2e-4, rtol=1e-4)
@@ -37,6 +83,31 @@ def test_recorded_stats_match_a_forward_pass(tiny, temperature):
     again = sequence_logprobs(model, prompts, [r["completion_ids"] for r in rows], tok.pad_token_id)
     for got, row in zip(again, rows):
         torch.testing.assert_close(torch.tensor(got), torch.tensor(row["logprobs"]), atol=2e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("lora", [False, True])
+def test_greedy_is_the_argmax_whatever_the_saved_generation_config(opinionated_dir, tiny, lora):
+    model, tok = load_opinionated(opinionated_dir, lora), tiny[1]
+    sampler = HFSampler(tok)
+    prompts = mixed_length_prompts(sampler)
+    rows = sampler.generate(model, prompts, max_new_tokens=8, greedy=True, seed=1)
+    again = sampler.generate(model, prompts, max_new_tokens=8, greedy=True, seed=2)
+    assert [r["completion_ids"] for r in rows] == [r["completion_ids"] for r in again]
+    for p, row in zip(prompts, rows):
+        logits = completion_logits(model, p, row["completion_ids"])
+        assert row["completion_ids"] == logits.argmax(-1).tolist()  # teacher-forced: argmax at each step
+        want_lp = torch.log_softmax(logits, -1).max(-1).values
+        torch.testing.assert_close(torch.tensor(row["logprobs"]), want_lp, atol=2e-4, rtol=1e-4)
+    assert model.generation_config.repetition_penalty == OPINIONS["repetition_penalty"]  # restored
+
+
+def test_generation_defaults_restored_after_an_error(opinionated):
+    model, _ = opinionated
+    saved = model.generation_config
+    with pytest.raises(RuntimeError, match="boom"), neutral_generation_defaults(model):
+        assert model.generation_config.repetition_penalty is None
+        raise RuntimeError("boom")
+    assert model.generation_config is saved
 
 
 def test_same_seed_same_samples(tiny):

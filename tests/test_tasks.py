@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import random
+import re
 from fractions import Fraction
 from pathlib import Path
 
@@ -309,3 +310,58 @@ def test_parquet_round_trip(tmp_path: Path) -> None:
     pq.write_table(pa.Table.from_pylist([{"question": "q"}]), tmp_path / "bad.parquet")
     with pytest.raises(ValueError, match=r"bad\.parquet:row 0: missing field 'answer'"):
         JsonlTask(str(tmp_path / "bad.parquet"))
+
+
+def test_jsonl_missing_path(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match=r"nope\.jsonl: no such file"):
+        JsonlTask(str(tmp_path / "nope.jsonl"))
+
+
+def test_jsonl_not_utf8_names_file_and_line(tmp_path: Path) -> None:
+    path = tmp_path / "latin1.jsonl"
+    path.write_bytes(b'{"question": "q", "answer": "1"}\n{"question": "caf\xe9", "answer": "2"}\n')
+    with pytest.raises(ValueError, match=r"latin1\.jsonl:2: not UTF-8"):
+        JsonlTask(str(path))
+
+
+def test_jsonl_byte_order_mark_is_tolerated(tmp_path: Path) -> None:
+    path = tmp_path / "bom.jsonl"
+    path.write_bytes(b'\xef\xbb\xbf{"question": "q", "answer": "1"}\n')
+    assert JsonlTask(str(path), heldout_fraction=0.0).train_problem(0).answer == "1"
+
+
+def test_parquet_empty_and_unreadable(tmp_path: Path) -> None:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    no_rows = tmp_path / "no_rows.parquet"
+    pq.write_table(
+        pa.table({"question": pa.array([], pa.string()), "answer": pa.array([], pa.string())}), no_rows
+    )
+    with pytest.raises(ValueError, match=r"no_rows\.parquet: no rows"):
+        JsonlTask(str(no_rows))
+    zero_bytes = tmp_path / "zero.parquet"
+    zero_bytes.write_bytes(b"")
+    with pytest.raises(ValueError, match=r"zero\.parquet: not a readable Parquet file"):
+        JsonlTask(str(zero_bytes))
+
+
+def test_eval_count_error_says_how_many_exist(tmp_path: Path) -> None:
+    # The caller prefixes the config key: "eval.n_problems: asked for 10000 held-out problems but ..."
+    task = ArithmeticTask()
+    with pytest.raises(ValueError, match=r"^asked for 10000 held-out problems but .* has only (\d+);") as err:
+        task.eval_problems(10000)
+    available = int(re.search(r"has only (\d+)", str(err.value)).group(1))
+    assert len(task.eval_problems(available)) == available  # the number it gives is the real one
+    with pytest.raises(ValueError, match=rf"has only {available}; ask for at most {available}$"):
+        task.eval_problems(available + 1)
+    with pytest.raises(ValueError, match=r"^asked for -1 held-out problems"):
+        task.eval_problems(-1)
+    path = tmp_path / "qa.jsonl"
+    _write_jsonl(path, ROWS)
+    jsonl = JsonlTask(str(path))
+    n = jsonl.num_heldout
+    with pytest.raises(
+        ValueError, match=rf"^asked for {n + 1} held-out problems but .*qa\.jsonl .* has only {n};"
+    ):
+        jsonl.eval_problems(n + 1)

@@ -5,6 +5,7 @@ import shutil
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 from conftest import TINY, run_cli
 from safetensors.torch import load_file
@@ -45,3 +46,67 @@ def test_two_ranks_match_one(tmp_path, baseline_run):
     ea = [m["eval/accuracy"] for m in _metrics(baseline_run) if "eval/accuracy" in m]
     eb = [m["eval/accuracy"] for m in _metrics(run_dir) if "eval/accuracy" in m]
     assert len(ea) == len(eb) == 3 and all(abs(x - y) <= 0.25 for x, y in zip(ea, eb))
+
+
+# Four sampling units over three ranks (2, 1, 1) and four micro-batches per step (2, 1+pad, 1+pad).
+UNEVEN = [
+    *TINY,
+    "sampler.batch_size=8",
+    "trainer.micro_batch_size=2",
+    "trainer.grad_accum=4",
+    "eval.k=0",
+    "eval.n_problems=8",
+    "eval.batch_size=4",
+]
+
+
+def torchrun(n: int) -> list[str]:
+    return [
+        shutil.which("torchrun") or f"{Path(sys.executable).parent}/torchrun",
+        "--nproc-per-node",
+        str(n),
+        "-m",
+    ]
+
+
+@pytest.fixture(scope="module")
+def uneven_baseline(tmp_path_factory) -> Path:
+    run_dir = tmp_path_factory.mktemp("uneven") / "run"
+    run_cli(["train", *UNEVEN, f"run.dir={run_dir}"])
+    return run_dir
+
+
+def assert_same_training(one: Path, other: Path) -> None:
+    a = load_file(next((one / "checkpoints").glob("r0002-*")) / "model.safetensors")
+    b = load_file(next((other / "checkpoints").glob("r0002-*")) / "model.safetensors")
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], atol=1e-4, rtol=1e-3)
+    for round_ in (1, 2):
+        rows = samples(other, round_)
+        assert len({r[:2] for r in rows}) == len(rows) == 8 * 4
+
+
+def test_three_ranks_with_an_uneven_split_match_one(tmp_path, uneven_baseline):
+    run_dir = tmp_path / "run"
+    run_cli(["train", *UNEVEN, f"run.dir={run_dir}"], launcher=torchrun(3))
+    assert samples(run_dir, 1) == samples(uneven_baseline, 1)
+    assert_same_training(uneven_baseline, run_dir)
+
+
+@pytest.mark.parametrize(
+    ("before", "after", "crash_at"),
+    [(2, 1, "update:r2:s1"), (1, 2, "sample:r2:u1")],
+)
+def test_resume_on_another_number_of_ranks(tmp_path, uneven_baseline, before, after, crash_at):
+    run_dir = tmp_path / "run"
+    launch = {1: None, 2: torchrun(2)}
+    killed = run_cli(
+        ["train", *UNEVEN, f"run.dir={run_dir}"],
+        launcher=launch[before],
+        env={"SELFIMPROVE_CRASH_AT": crash_at},
+        check=False,
+    )
+    assert killed.returncode != 0
+    run_cli(["train", *UNEVEN, f"run.dir={run_dir}", "resume=auto"], launcher=launch[after])
+    assert samples(run_dir, 1) == samples(uneven_baseline, 1)
+    assert_same_training(uneven_baseline, run_dir)

@@ -21,6 +21,12 @@ update, train_metrics.json, the round's metrics line and metrics.json. To show i
 takes each round's wall clock from the mtimes of rounds/rNNNN/metrics.json (round r-1's file to
 round r's) and reports `unphased` = wall - round_seconds and the overhead with it included.
 
+Device: the script picks none; the loop runs on the CUDA GPU when one is visible (the Engine's
+Accelerator), else the CPU, and the script prints which. The loop's timers do not synchronize, but
+nearly nothing is left queued when they are read: generate and forward return host lists, and the
+update reads each micro-batch's loss with .item() (only the last step's optimizer and EMA kernels
+may still be running when `train` is read).
+
 Run:  . .venv/bin/activate; HF_HUB_OFFLINE=1 python scripts/bench/loop_overhead.py [--embedded]
       [--keep] [key=value ...]   (extra Hydra overrides replace the defaults with the same key)
 """
@@ -38,6 +44,8 @@ import tempfile
 import time
 from pathlib import Path
 
+import torch
+
 COMMON = ["recipe=quickstart", "eval.k=0", "eval.before=true"]
 TINY = ["model=tiny", "loop.rounds=2", "eval.n_problems=32"]
 EMBEDDED = ["model=smollm2_135m", "loop.rounds=2", "loop.prompts_per_round=16", "eval.n_problems=32"]
@@ -46,6 +54,13 @@ EMBEDDED = ["model=smollm2_135m", "loop.rounds=2", "loop.prompts_per_round=16", 
 def overrides(embedded: bool, extra: list[str]) -> list[str]:
     merged = {o.split("=", 1)[0]: o for o in COMMON + (EMBEDDED if embedded else TINY) + extra}
     return list(merged.values())
+
+
+def device_used() -> str:
+    """What the loop will run on: the Engine's rule (cuda when available), with the GPU's name."""
+    if torch.cuda.is_available():
+        return f"cuda ({torch.cuda.get_device_name(0)})"
+    return "cpu"
 
 
 def report(run_dir: Path) -> None:
@@ -104,6 +119,7 @@ def main() -> None:
         f"run.dir={run_dir}",
     ]
     print("$ HF_HUB_OFFLINE=1 python " + " ".join(cmd[1:]), flush=True)
+    print(f"device: {device_used()}", flush=True)
     env = {**os.environ, "HF_HUB_OFFLINE": os.environ.get("HF_HUB_OFFLINE", "1")}
     t = time.perf_counter()
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env)

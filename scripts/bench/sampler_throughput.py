@@ -18,8 +18,11 @@ after one warm-up each, and the median of the per-repeat ratios (a)/(b) is repor
 Each repeat also times the StatsRecorder alone on stand-in logits (batch x vocab, max_new_tokens
 calls): a low-noise estimate of the ratio, (b) / ((b) + recorder), when the (a)/(b) spread is wide.
 
+Device: the model runs on --device (default: cuda when available, else cpu); on a GPU every timer is
+read after torch.cuda.synchronize(), so a reading covers the kernels it launched.
+
 Run:  . .venv/bin/activate; HF_HUB_OFFLINE=1 python scripts/bench/sampler_throughput.py [--tiny]
-      [--batch 64] [--max-new-tokens 32 6] [--repeats 5]
+      [--batch 64] [--max-new-tokens 32 6] [--repeats 5] [--device cuda|cpu]
 """
 
 from __future__ import annotations
@@ -34,7 +37,7 @@ from transformers import GenerationConfig
 
 import selfimprove.config
 from selfimprove import models
-from selfimprove.sampling.hf import HFSampler, StatsRecorder, left_pad
+from selfimprove.sampling.hf import HFSampler, StatsRecorder, left_pad, neutral_generation_defaults
 from selfimprove.tasks import ArithmeticTask
 
 
@@ -49,10 +52,23 @@ class NoEosTokenizer:
         return getattr(self._tok, name)
 
 
+def clock(device: torch.device) -> float:
+    """perf_counter once the device has finished what was queued on it (CUDA runs asynchronously)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter()
+
+
+def device_name(device: torch.device) -> str:
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+
+
 def bench(model, tokenizer, prompts, max_new: int, repeats: int, seed: int) -> None:
     eos = model.config.vocab_size  # never sampled: logits have exactly vocab_size entries
     sampler = HFSampler(NoEosTokenizer(tokenizer, eos))
+    device = next(model.parameters()).device
     ids, mask = left_pad(prompts, tokenizer.pad_token_id)  # what HFSampler.generate builds
+    ids, mask = ids.to(device), mask.to(device)  # (a) copies its batch inside the timed call
     gen_cfg = GenerationConfig(  # what HFSampler.generate builds for greedy=False
         do_sample=True,
         temperature=1.0,
@@ -64,30 +80,29 @@ def bench(model, tokenizer, prompts, max_new: int, repeats: int, seed: int) -> N
     )
 
     def run_a() -> tuple[float, list[list[int]]]:
-        t = time.perf_counter()
+        t = clock(device)
         rows = sampler.generate(model, prompts, max_new_tokens=max_new, seed=seed, record=True)
-        dt = time.perf_counter() - t
+        dt = clock(device) - t
         assert all(len(r["logprobs"]) == len(r["completion_ids"]) for r in rows)
         return dt, [r["completion_ids"] for r in rows]
 
     def run_b() -> tuple[float, list[list[int]]]:
         torch.manual_seed(seed)
-        t = time.perf_counter()
-        with torch.no_grad():
+        t = clock(device)
+        with torch.no_grad(), neutral_generation_defaults(model):  # as (a): only gen_cfg decides
             out = model.generate(input_ids=ids, attention_mask=mask, generation_config=gen_cfg)
-        dt = time.perf_counter() - t
+        dt = clock(device) - t
         return dt, out[:, ids.shape[1] :].tolist()
 
     def run_rec() -> float:  # the recorder alone on stand-in logits: its cost without the noise of (a)-(b)
-        rec, scores = StatsRecorder(), torch.randn(len(prompts), eos)
-        last = torch.zeros(len(prompts), 1, dtype=torch.long)
-        t = time.perf_counter()
+        rec, scores = StatsRecorder(), torch.randn(len(prompts), eos, device=device)
+        last = torch.zeros(len(prompts), 1, dtype=torch.long, device=device)
+        t = clock(device)
         for _ in range(max_new):
             rec(last, scores)
         rec.finish(last)
-        for k in ("logprobs", "self_certainty", "entropy"):
-            torch.stack(getattr(rec, k), dim=1)
-        return time.perf_counter() - t
+        rec.stacked()  # what HFSampler.generate does with them, copy to the CPU included
+        return clock(device) - t
 
     run_a(), run_b(), run_rec()  # warm-up
     ta, tb, tr, ratios = [], [], [], []
@@ -125,19 +140,22 @@ def main() -> None:
     ap.add_argument("--max-new-tokens", type=int, nargs="+", default=[32, 6])
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = ap.parse_args()
+    device = torch.device(args.device)
     cfg = OmegaConf.structured(selfimprove.config.ModelConfig())
     if args.tiny:
         cfg.kind = "tiny"
     tokenizer = models.load_tokenizer(cfg)
-    model = models.load_model(cfg)
+    model = models.load_model(cfg).to(device)
     task = ArithmeticTask()
     encoder = HFSampler(tokenizer)
     prompts = [encoder.encode(task.train_problem(i)) for i in range(args.batch)]
     print(
         f"model kind={cfg.kind} dtype={cfg.dtype} params={sum(p.numel() for p in model.parameters()) / 1e6:.1f}M "
         f"vocab={model.config.vocab_size}; batch={args.batch}, prompt lengths "
-        f"{min(map(len, prompts))}-{max(map(len, prompts))}; torch threads={torch.get_num_threads()}"
+        f"{min(map(len, prompts))}-{max(map(len, prompts))}; torch threads={torch.get_num_threads()}\n"
+        f"device={device} ({device_name(device)})"
     )
     print("(a) HFSampler.generate(record=True)   (b) bare model.generate, same batch/config/seed")
     for max_new in args.max_new_tokens:

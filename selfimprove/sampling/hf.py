@@ -3,6 +3,9 @@ self-certainty and entropy captured from the logits generate already computed (n
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+
 import torch
 from transformers import GenerationConfig, LogitsProcessor, LogitsProcessorList
 
@@ -35,8 +38,9 @@ class StatsRecorder(LogitsProcessor):
     """Reduces each step's logits to three numbers per sequence and passes them on untouched.
 
     Custom processors run after transformers' built-in processors but before the sampling warpers
-    (temperature, top-p), and the sampler builds a GenerationConfig with no built-in processors, so
-    what this sees is the model's own distribution. The sampled token's log-prob is only known at
+    (temperature, top-p), and the sampler builds a GenerationConfig with no built-in processors (and
+    keeps the model's saved generation defaults out: `neutral_generation_defaults`), so what this
+    sees is the model's own distribution. The sampled token's log-prob is only known at
     the next step (or after generate returns, for the last one), so one step's log-probs are kept:
     memory O(batch × vocab), not O(batch × length × vocab).
     """
@@ -48,8 +52,8 @@ class StatsRecorder(LogitsProcessor):
         self._prev: torch.Tensor | None = None
 
     def _take(self, tokens: torch.Tensor) -> None:
-        if self._prev is not None:
-            self.logprobs.append(self._prev.gather(1, tokens[:, None])[:, 0])
+        if self._prev is not None:  # gather on the logits' device, wherever the tokens are
+            self.logprobs.append(self._prev.gather(1, tokens.to(self._prev.device)[:, None])[:, 0])
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
         if self.self_certainty:  # from the second step on, the last token was sampled by us
@@ -63,6 +67,34 @@ class StatsRecorder(LogitsProcessor):
     def finish(self, sequences: torch.Tensor) -> None:
         self._take(sequences[:, -1])
         self._prev = None
+
+    def stacked(self) -> dict[str, torch.Tensor]:
+        """[batch, steps] fp32 tensors on the CPU: stacked on the device, then one copy each."""
+        return {
+            k: torch.stack(getattr(self, k), dim=1).float().cpu()
+            for k in ("logprobs", "self_certainty", "entropy")
+        }
+
+
+@contextlib.contextmanager
+def neutral_generation_defaults(model: torch.nn.Module) -> Iterator[None]:
+    """Within the context, generate takes nothing from the model's own generation_config.
+
+    generate fills the fields our GenerationConfig leaves unset (transformers 5) or at the library's
+    defaults (4.x) from `model.generation_config`, so a saved generation_config.json could add e.g.
+    repetition_penalty or top_k to our decoding, and its processors would reshape what the recorder
+    sees. Every module holding one gets a blank GenerationConfig (a peft wrapper holds none itself:
+    it forwards to the transformers model inside, whose `generate` reads its own), restored after.
+    """
+    holders = [m for m in model.modules() if isinstance(vars(m).get("generation_config"), GenerationConfig)]
+    saved = [m.generation_config for m in holders]
+    try:
+        for m in holders:
+            m.generation_config = GenerationConfig()
+        yield
+    finally:
+        for m, config in zip(holders, saved):
+            m.generation_config = config
 
 
 class HFSampler:
@@ -118,19 +150,18 @@ class HFSampler:
         )
         recorder = StatsRecorder() if record else None
         torch.manual_seed(seed)
-        out = model.generate(
-            input_ids=input_ids.to(device),
-            attention_mask=attention.to(device),
-            generation_config=gen_cfg,
-            logits_processor=LogitsProcessorList([recorder] if recorder else []),
-        ).cpu()
+        with neutral_generation_defaults(model):
+            out = model.generate(
+                input_ids=input_ids.to(device),
+                attention_mask=attention.to(device),
+                generation_config=gen_cfg,
+                logits_processor=LogitsProcessorList([recorder] if recorder else []),
+            )
         new = out[:, width:]
         if recorder:
-            recorder.finish(new)
-            stats = {
-                k: torch.stack(getattr(recorder, k), dim=1).float().cpu()
-                for k in ("logprobs", "self_certainty", "entropy")
-            }
+            recorder.finish(new)  # on the device, like the logits it gathers from
+            stats = recorder.stacked()
+        new = new.cpu()
         rows = []
         eos = self.tokenizer.eos_token_id
         for i in range(len(prompts)):
@@ -155,6 +186,7 @@ def sequence_logprobs(model, prompt_ids: list[list[int]], completion_ids: list[l
     with torch.no_grad():
         logits = model(**forward_inputs(input_ids, attention, device), logits_to_keep=keep).logits
     logp = torch.log_softmax(logits[:, :-1].float(), dim=-1)
-    targets = input_ids[:, input_ids.shape[1] - keep + 1 :].to(device)
+    # the logits' device: the last layer's, which differs from the first's when a model is split
+    targets = input_ids[:, input_ids.shape[1] - keep + 1 :].to(logp.device)
     token_lp = logp.gather(2, targets[..., None])[..., 0].cpu()
     return [token_lp[i, keep - 1 - len(c) :].tolist() for i, c in enumerate(completion_ids)]

@@ -2,6 +2,7 @@
 
 from selfimprove.tasks.arithmetic import ArithmeticTask
 from selfimprove.tasks.base import Problem, Task, is_correct
+from selfimprove.tasks.hf_dataset import HFDatasetTask
 from selfimprove.tasks.jsonl import JsonlTask
 
-__all__ = ["ArithmeticTask", "JsonlTask", "Problem", "Task", "is_correct"]
+__all__ = ["ArithmeticTask", "HFDatasetTask", "JsonlTask", "Problem", "Task", "is_correct"]

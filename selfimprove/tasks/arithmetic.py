@@ -12,6 +12,7 @@ from selfimprove.tasks.base import (
     Problem,
     Task,
     canonical_number,
+    check_eval_count,
     check_heldout_fraction,
     is_heldout,
 )
@@ -236,8 +237,6 @@ class ArithmeticTask(Task):
         raise RuntimeError(f"no training expression found for index {index}")
 
     def eval_problems(self, n: int) -> list[Problem]:
-        if n < 0:
-            raise ValueError(f"n must be non-negative, got {n}")
         rng = random.Random(f"{self.seed}:eval")
         space = self.all_expressions()
         if space is not None:
@@ -245,11 +244,8 @@ class ArithmeticTask(Task):
             # version of "draw, keep held-out, dedupe", and tells us exactly how many exist.
             heldout = [e for e in space if is_heldout(e, self.heldout_fraction)]
             rng.shuffle(heldout)
-            if n > len(heldout):
-                raise ValueError(
-                    f"level {self.level!r} has only {len(heldout)} held-out problems "
-                    f"(heldout_fraction={self.heldout_fraction}); asked for {n}"
-                )
+            source = f"level {self.level!r} (heldout_fraction={self.heldout_fraction})"
+            check_eval_count(n, len(heldout), source)
             chosen = heldout[:n]
         else:
             chosen, seen = [], set()
@@ -261,11 +257,8 @@ class ArithmeticTask(Task):
                 if expr not in seen and is_heldout(expr, self.heldout_fraction):
                     seen.add(expr)
                     chosen.append(expr)
-            if len(chosen) < n:
-                raise ValueError(
-                    f"level {self.level!r}: found only {len(chosen)} distinct held-out "
-                    f"problems in {max_draws} draws; asked for {n}"
-                )
+            source = f"level {self.level!r} (distinct held-out problems found in {max_draws} draws)"
+            check_eval_count(n, len(chosen), source)
         return [self._problem(f"eval-{i}", expr) for i, expr in enumerate(chosen)]
 
     def extract_answer(self, completion: str) -> str | None:

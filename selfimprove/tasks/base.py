@@ -80,6 +80,20 @@ def check_heldout_fraction(heldout_fraction: float) -> float:
     return float(heldout_fraction)
 
 
+def check_eval_count(n: int, available: int, source: str) -> None:
+    """Validate an ``eval_problems(n)`` request against the ``available`` held-out problems.
+
+    The message starts with the request so that a caller can prefix the config key it came from
+    ("eval.n_problems: asked for 500 held-out problems but ... has only 297; ...").
+    """
+    if n < 0:
+        raise ValueError(f"asked for {n} held-out problems; the count must be non-negative")
+    if n > available:
+        raise ValueError(
+            f"asked for {n} held-out problems but {source} has only {available}; ask for at most {available}"
+        )
+
+
 def canonical_number(value: Fraction | int | str) -> str:
     """Canonical string for a number: integers exactly ("65", "-3"), otherwise a plain decimal
     rounded to 6 significant digits with trailing zeros stripped ("2.5", "0.333333").

@@ -1,0 +1,153 @@
+"""The engine: one object owns the policy, its reference, the EMA, the optimizer, the scheduler and the
+sampler, and it alone moves weights (into checkpoints, out of them, to an exported folder).
+
+`selfimprove train`, `eval`, `sample` and `export` all build one, so loading a checkpoint is written
+once. Precision: the model loads in `model.dtype`; trainable parameters are upcast to fp32 (master
+weights and optimizer state), and with bfloat16 accelerate's autocast runs the math in bf16.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator
+from omegaconf import DictConfig
+from transformers import get_scheduler
+
+from selfimprove import checkpoint, models
+from selfimprove import distributed as dist
+from selfimprove.ema import EMA
+from selfimprove.sampling import HFSampler
+from selfimprove.sampling.hf import sequence_logprobs
+
+MIXED_PRECISION = {"float32": "no", "bfloat16": "bf16", "float16": "fp16"}
+
+
+def build_optimizer(params: list[torch.nn.Parameter], cfg) -> torch.optim.Optimizer:
+    """`trainer.optimizer`: adamw | adamw_8bit (bitsandbytes) | sgd."""
+    if cfg.optimizer == "adamw":
+        return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    if cfg.optimizer == "sgd":
+        return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    if cfg.optimizer == "adamw_8bit":
+        try:
+            import bitsandbytes as bnb
+        except ImportError:
+            raise ValueError(
+                "trainer.optimizer=adamw_8bit needs bitsandbytes: pip install bitsandbytes"
+            ) from None
+        return bnb.optim.AdamW8bit(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    raise ValueError(f"trainer.optimizer: {cfg.optimizer!r} is not adamw|adamw_8bit|sgd")
+
+
+class Engine:
+    """Models and their state for one process. `train=False` builds no optimizer (eval, sample, export);
+    `reference=True` keeps a frozen base for scoring (free with LoRA: the adapter switched off)."""
+
+    def __init__(self, cfg: DictConfig, *, train: bool = True, reference: bool = False) -> None:
+        self.cfg = cfg
+        self.accelerator = Accelerator(
+            cpu=not torch.cuda.is_available(), mixed_precision=MIXED_PRECISION[cfg.model.dtype]
+        )
+        self.device = self.accelerator.device
+        self.tokenizer = models.load_tokenizer(cfg.model)
+        self.sampler = HFSampler(self.tokenizer, cfg.sampler.max_prompt_tokens)
+        self.pad = self.tokenizer.pad_token_id
+
+        model = models.load_model(cfg.model)
+        # A full fine-tune has no free base: keep a frozen copy, on the policy's device.
+        self.frozen = None
+        if reference and not cfg.trainer.lora:
+            self.frozen = copy.deepcopy(model).requires_grad_(False).to(self.device)
+        model = models.add_lora(model, cfg.trainer) if cfg.trainer.lora else model.requires_grad_(True)
+        models.upcast_trainable(model)
+        if cfg.trainer.gradient_checkpointing:
+            kwargs = {"use_reentrant": False}  # works with frozen inputs (LoRA) without input grads
+            if hasattr(model, "activation_checkpointing_enable"):  # transformers ≥ 5 (the old name warns)
+                model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+            else:
+                model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+
+        self.optimizer = self.scheduler = None
+        if train:
+            params = [p for p in model.parameters() if p.requires_grad]
+            self.optimizer = build_optimizer(params, cfg.trainer)
+            total_steps = cfg.loop.rounds * cfg.trainer.steps_per_round
+            self.scheduler = get_scheduler(
+                cfg.trainer.scheduler, self.optimizer, cfg.trainer.warmup_steps, total_steps
+            )
+            self.model, self.optimizer = self.accelerator.prepare(model, self.optimizer)
+        else:
+            self.model = model.to(self.device)
+        self.policy = self.accelerator.unwrap_model(self.model)  # what sampling, EMA and saving see
+        self.policy.eval()
+        self.ema = EMA(self.policy, cfg.ema.warmup, cfg.ema.power, cfg.ema.floor) if cfg.ema.enabled else None
+
+    # ----- which weights -----
+    def weights(self, which: str):
+        """A context with the raw ("raw") or averaged ("ema") weights in the policy."""
+        if which == "ema" and self.ema is not None:
+            return self.ema.swapped_in(self.policy)
+        return contextlib.nullcontext()
+
+    @contextlib.contextmanager
+    def reference(self) -> Iterator[torch.nn.Module]:
+        """The frozen base: the LoRA policy with its adapter off, or the frozen copy."""
+        if self.frozen is not None:
+            yield self.frozen
+        else:
+            with models.base_model(self.policy) as base:
+                yield base
+
+    # ----- what stages ask of the model -----
+    def generate(self, prompts: list[list[int]], **gen) -> list[dict]:
+        with self.accelerator.autocast():
+            return self.sampler.generate(self.policy, prompts, **gen)
+
+    def logprobs(
+        self,
+        prompts: list[list[int]],
+        completions: list[list[int]],
+        weights: str = "base",
+        batch_size: int = 64,
+    ) -> list[list[float]]:
+        """Per-token log-probs of given completions under the policy ("policy") or the base ("base")."""
+        context = self.reference() if weights == "base" else contextlib.nullcontext(self.policy)
+        out: list[list[float]] = []
+        with context as model, self.accelerator.autocast():
+            for s in range(0, len(prompts), batch_size):
+                out += sequence_logprobs(
+                    model, prompts[s : s + batch_size], completions[s : s + batch_size], self.pad
+                )
+        return out
+
+    # ----- checkpoints -----
+    def save(self, run_dir: Path, journal: dict) -> Path:
+        name = f"r{journal['round']:04d}-s{journal['global_step']:06d}"
+        return checkpoint.save(
+            run_dir,
+            name,
+            weights=models.trainable_state(self.policy),
+            optimizer=self.optimizer,
+            scheduler=self.scheduler,
+            ema_state=self.ema.state_dict() if self.ema is not None else None,
+            journal=dict(journal),
+        )
+
+    def restore(self, run_dir: Path) -> tuple[Path, dict] | None:
+        """Loads the newest readable checkpoint of a run (weights, EMA, and with an optimizer its state
+        and the RNG); returns (its folder, its journal), or None when the run has none."""
+        found = checkpoint.load_latest(run_dir, optimizer=self.optimizer, scheduler=self.scheduler)
+        if found is None:
+            return None
+        path, state = found
+        models.load_trainable(self.policy, state["weights"])
+        if self.ema is not None and state["ema"] is not None:
+            self.ema.load_state_dict(state["ema"])
+        if dist.is_main():
+            print(f"[selfimprove] loaded {path}")
+        return path, state["journal"]

@@ -1,0 +1,185 @@
+"""Tasks over a fixed list of rows (a file or a dataset): what JsonlTask and HFDatasetTask share.
+
+The train/held-out split, the training order, answer extraction and answer matching live here once;
+the subclasses only turn their source into validated :class:`Row`s.
+"""
+
+from __future__ import annotations
+
+import random
+import re
+from collections.abc import Iterable, Iterator
+from fractions import Fraction
+from pathlib import Path
+from typing import Any, NamedTuple
+
+from selfimprove.tasks.base import Problem, Task, check_eval_count, is_heldout
+
+_PLAIN_NUMBER = re.compile(r"[-+]?\d+(?:\.\d+)?(?:/\d+)?")
+DEFAULT_ANSWER_PATTERN = r"-?\d+(?:\.\d+)?"
+
+
+class Row(NamedTuple):
+    """One problem as read from its source."""
+
+    key: str  # the prompt text: what the hash split and the held-out dedupe look at
+    messages: list[dict[str, str]]  # ends with the user turn that asks the question
+    prefill: str
+    answer: str
+
+
+def field_text(row: dict[str, Any], name: str, where: str) -> str:
+    """``row[name]`` as a string; a ValueError naming ``where`` (file and line/row) if it is absent."""
+    if row.get(name) is None:
+        raise ValueError(f"{where}: missing field {name!r} (fields present: {sorted(row)})")
+    return str(row[name])
+
+
+def text_lines(path: str) -> Iterator[tuple[int, str]]:
+    """(line number, text) for each line of a UTF-8 file; a ValueError naming the file and line
+    on bytes that are not UTF-8 (Python's own error names neither)."""
+    with open(path, "rb") as handle:
+        for lineno, raw in enumerate(handle, start=1):
+            try:  # a byte-order mark is tolerated on the first line, as editors write one
+                yield lineno, raw.decode("utf-8-sig" if lineno == 1 else "utf-8")
+            except UnicodeDecodeError as err:
+                raise ValueError(
+                    f"{path}:{lineno}: not UTF-8 text (byte {err.start} of the line: {err.reason})"
+                ) from None
+
+
+def check_exists(path: str, what: str = "file") -> Path:
+    """The path, or a ValueError naming it when nothing is there."""
+    resolved = Path(path)
+    if not resolved.exists():
+        raise ValueError(f"{path}: no such {what}")
+    return resolved
+
+
+def distinct(rows: Iterable[Row]) -> list[Row]:
+    """The first row of each prompt, in order: held-out problems must be distinct."""
+    seen: set[str] = set()
+    kept = []
+    for row in rows:
+        if row.key not in seen:
+            seen.add(row.key)
+            kept.append(row)
+    return kept
+
+
+def hash_origin(heldout_fraction: float) -> str:
+    """How :func:`hash_split` held rows out, for :meth:`RowsTask._set_rows`."""
+    return f"distinct prompts held out by a stable hash, heldout_fraction={heldout_fraction}"
+
+
+def hash_split(rows: Iterable[Row], heldout_fraction: float) -> tuple[list[Row], list[Row]]:
+    """(train, held-out) by a stable hash of the prompt, so duplicated prompts land on one side."""
+    train, heldout = [], []
+    for row in rows:
+        (heldout if is_heldout(row.key, heldout_fraction) else train).append(row)
+    return train, distinct(heldout)
+
+
+def same_answer(pred: str, truth: str) -> bool:
+    """String match after strip, falling back to numeric equality so "65.0" matches "65"."""
+    pred, truth = pred.strip(), truth.strip()
+    if pred == truth:
+        return True
+    # Only plain numbers: Fraction("1e999999999") would build a gigantic integer.
+    if not (_PLAIN_NUMBER.fullmatch(pred) and _PLAIN_NUMBER.fullmatch(truth)):
+        return False
+    try:
+        return Fraction(pred) == Fraction(truth)
+    except ZeroDivisionError:
+        return False
+
+
+def find_answer(completion: str, pattern: re.Pattern[str], which: str = "first") -> str | None:
+    """The ``which`` ("first" | "last") match of ``pattern``; its group 1 if it has groups."""
+    matches = list(pattern.finditer(completion))
+    if not matches:
+        return None
+    match = matches[0] if which == "first" else matches[-1]
+    text = match.group(1) if pattern.groups else match.group(0)
+    return text.strip() if text is not None else None
+
+
+class RowsTask(Task):
+    """A task over fixed train and held-out rows. Subclasses load their source, then call
+    :meth:`_set_rows`.
+
+    Each pass over the training rows is a fresh seeded shuffle. ``answer_match`` picks the
+    ``"first"`` or ``"last"`` regex match in a completion; "last" suits chain-of-thought outputs
+    that end with the answer. If ``answer_pattern`` has a capture group, group 1 is the answer.
+    ``system``, when given, is prepended to rows that do not start with a system message.
+    """
+
+    def __init__(
+        self,
+        source: str,
+        *,
+        system: str | None,
+        seed: int,
+        answer_pattern: str,
+        answer_match: str,
+    ) -> None:
+        if answer_match not in ("first", "last"):
+            raise ValueError(f"answer_match must be 'first' or 'last', got {answer_match!r}")
+        self.source = source
+        self.system = system
+        self.seed = seed
+        self.answer_regex = re.compile(answer_pattern)
+        self.answer_match = answer_match
+        self._train: list[Row] = []
+        self._heldout: list[Row] = []
+        self._heldout_origin = ""
+        self._perms: dict[int, list[int]] = {}
+
+    def _set_rows(self, train: list[Row], heldout: list[Row], heldout_origin: str) -> None:
+        """``heldout_origin`` says where the held-out rows came from, for error messages, e.g.
+        "distinct prompts of its 'test' split"."""
+        self._train, self._heldout, self._heldout_origin = train, heldout, heldout_origin
+        self._perms.clear()
+
+    @property
+    def num_train(self) -> int:
+        return len(self._train)
+
+    @property
+    def num_heldout(self) -> int:
+        return len(self._heldout)
+
+    def _problem(self, problem_id: str, row: Row) -> Problem:
+        messages = [dict(m) for m in row.messages]  # copies: callers may edit a Problem's list
+        if self.system and messages[0]["role"] != "system":
+            messages.insert(0, {"role": "system", "content": self.system})
+        return Problem(id=problem_id, messages=messages, prefill=row.prefill, answer=row.answer)
+
+    def _permutation(self, epoch: int) -> list[int]:
+        # A fresh seeded shuffle per pass over the data; cache a few epochs only.
+        if epoch not in self._perms:
+            if len(self._perms) >= 4:
+                self._perms.clear()
+            perm = list(range(len(self._train)))
+            random.Random(f"{self.seed}:train:{epoch}").shuffle(perm)
+            self._perms[epoch] = perm
+        return self._perms[epoch]
+
+    def train_problem(self, index: int) -> Problem:
+        if index < 0:
+            raise ValueError(f"train index must be non-negative, got {index}")
+        if not self._train:
+            raise ValueError(f"{self.source}: no training rows (held out: {self._heldout_origin})")
+        epoch, pos = divmod(index, len(self._train))
+        return self._problem(f"train-{index}", self._train[self._permutation(epoch)[pos]])
+
+    def eval_problems(self, n: int) -> list[Problem]:
+        check_eval_count(n, len(self._heldout), f"{self.source} ({self._heldout_origin})")
+        return [self._problem(f"eval-{i}", row) for i, row in enumerate(self._heldout[:n])]
+
+    def extract_answer(self, completion: str) -> str | None:
+        return find_answer(completion, self.answer_regex, self.answer_match)
+
+    def reward(self, completion: str, problem: Problem) -> float:
+        pred = self.extract_answer(completion)
+        return 1.0 if pred is not None and same_answer(pred, problem.answer) else 0.0

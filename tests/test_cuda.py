@@ -1,0 +1,100 @@
+"""On a CUDA GPU: what the sampler records matches a forward pass on the device, and the CLI trains
+the tiny recipe in fp32 and bf16. Every test here is skipped on a machine without one."""
+
+import json
+import math
+
+import pytest
+import torch
+from conftest import TINY, run_cli
+from omegaconf import OmegaConf
+
+from selfimprove import models
+from selfimprove.config import ModelConfig
+from selfimprove.sampling import HFSampler, sequence_logprobs
+from selfimprove.tasks import ArithmeticTask
+from selfimprove.verify.self_certainty import token_stats
+
+pytestmark = [
+    pytest.mark.cuda,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"),
+]
+
+
+@pytest.fixture(scope="module")
+def tiny_cuda():
+    cfg = OmegaConf.structured(ModelConfig(kind="tiny"))
+    return models.load_model(cfg).to("cuda"), models.load_tokenizer(cfg)
+
+
+def mixed_length_prompts(sampler: HFSampler, n: int = 4) -> list[list[int]]:
+    prompts = [sampler.encode(ArithmeticTask().train_problem(i)) for i in range(n)]
+    prompts[1] = prompts[1][:-2]  # different lengths: left padding matters
+    return prompts
+
+
+def completion_logits(model, prompt: list[int], completion: list[int]) -> torch.Tensor:
+    """The logits that predicted each completion token, from one plain forward pass on the model's device."""
+    ids = torch.tensor([prompt + completion], device=next(model.parameters()).device)
+    with torch.no_grad():
+        logits = model(input_ids=ids).logits
+    return logits[0, len(prompt) - 1 : len(prompt) - 1 + len(completion)].float().cpu()
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.5])
+def test_recorded_stats_match_a_forward_pass_on_cuda(tiny_cuda, temperature):
+    model, tok = tiny_cuda
+    sampler = HFSampler(tok)
+    prompts = mixed_length_prompts(sampler)
+    rows = sampler.generate(model, prompts, max_new_tokens=6, temperature=temperature, seed=1)
+    for p, row in zip(prompts, rows):
+        logp, sc, ent = token_stats(completion_logits(model, p, row["completion_ids"]))
+        want_lp = logp.gather(1, torch.tensor(row["completion_ids"])[:, None])[:, 0]
+        torch.testing.assert_close(torch.tensor(row["logprobs"]), want_lp, atol=2e-4, rtol=1e-4)
+        torch.testing.assert_close(torch.tensor(row["self_certainty"]), sc, atol=2e-4, rtol=1e-4)
+        torch.testing.assert_close(torch.tensor(row["entropy"]), ent, atol=2e-4, rtol=1e-4)
+    again = sequence_logprobs(model, prompts, [r["completion_ids"] for r in rows], tok.pad_token_id)
+    for got, row in zip(again, rows):
+        torch.testing.assert_close(torch.tensor(got), torch.tensor(row["logprobs"]), atol=2e-4, rtol=1e-4)
+
+
+def test_greedy_on_cuda_is_the_argmax(tiny_cuda):
+    model, tok = tiny_cuda
+    sampler = HFSampler(tok)
+    prompts = mixed_length_prompts(sampler)
+    rows = sampler.generate(model, prompts, max_new_tokens=6, greedy=True)
+    for p, row in zip(prompts, rows):
+        logits = completion_logits(model, p, row["completion_ids"])
+        chosen = logits.gather(1, torch.tensor(row["completion_ids"])[:, None])[:, 0]
+        # the argmax at each step, up to GPU rounding between the cached and the one-pass logits
+        assert (chosen >= logits.max(-1).values - 1e-4).all(), (chosen, logits.max(-1))
+
+
+def test_bf16_sampling_under_autocast_on_cuda(tiny_cuda):
+    """What the engine does with model.dtype=bfloat16: bf16 weights, bf16 autocast."""
+    _, tok = tiny_cuda  # the tokenizer; the model is loaded in bf16 below
+    sampler = HFSampler(tok)
+    prompts = mixed_length_prompts(sampler)
+    bf16 = models.load_model(OmegaConf.structured(ModelConfig(kind="tiny", dtype="bfloat16"))).to("cuda")
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        rows = sampler.generate(bf16, prompts, max_new_tokens=6, seed=1)
+        again = sequence_logprobs(bf16, prompts, [r["completion_ids"] for r in rows], tok.pad_token_id)
+    for got, row in zip(again, rows):
+        n = len(row["completion_ids"])
+        assert len(row["logprobs"]) == len(row["self_certainty"]) == len(row["entropy"]) == n
+        assert all(math.isfinite(x) for k in ("logprobs", "self_certainty", "entropy") for x in row[k])
+        # bf16 rounds the cached and the one-pass computation differently: agree only roughly
+        torch.testing.assert_close(torch.tensor(got), torch.tensor(row["logprobs"]), atol=0.1, rtol=0.02)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_cli_trains_the_tiny_recipe_on_cuda(tmp_path, dtype):
+    run_dir = tmp_path / "run"
+    run_cli(["train", *TINY, f"model.dtype={dtype}", f"run.dir={run_dir}"])
+    lines = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    rounds = int(next(a.split("=", 1)[1] for a in TINY if a.startswith("loop.rounds=")))
+    accuracy = {x["round"]: x["eval/accuracy"] for x in lines if "eval/accuracy" in x}
+    assert set(range(1, rounds + 1)) <= set(accuracy), f"eval/accuracy only for rounds {sorted(accuracy)}"
+    assert all(0.0 <= a <= 1.0 for a in accuracy.values())
+    losses = [x["train/loss"] for x in lines if "train/loss" in x]
+    assert losses and all(math.isfinite(x) for x in losses), losses
