@@ -16,20 +16,13 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import hydra
-from hydra.errors import HydraException, MissingConfigException, OverrideParseException
-from omegaconf import DictConfig, OmegaConf, open_dict
+from hydra.errors import HydraException
+from omegaconf import DictConfig
 from omegaconf.errors import OmegaConfBaseException
 
-from selfimprove.config import ConfigError, register, validate_targets
+from selfimprove.compose import CONFIG_DIR, CommandError, check, describe, load_config, split_args
+from selfimprove.config import ConfigError, register
 
-
-def _config_dir() -> str:
-    """configs/ at the top of the repository (a source checkout), or its copy inside the wheel."""
-    packaged = Path(__file__).parent / "_configs"
-    return str(packaged if packaged.is_dir() else Path(__file__).parents[1] / "configs")
-
-
-CONFIG_DIR = _config_dir()
 USAGE = """usage: selfimprove {{train,eval,sample,export}} [--recipes DIR] [key=value ...]
 
   train   run (or resume) a recipe:   selfimprove train recipe=oracle_sft model=tiny loop.rounds=2
@@ -64,14 +57,6 @@ def _recipes() -> str:
     return ", ".join(sorted(p.stem for p in (Path(CONFIG_DIR) / "recipe").glob("*.yaml")))
 
 
-def _check(cfg: DictConfig) -> None:
-    """Everything that can be checked before a model loads; raises ConfigError naming the key."""
-    missing = sorted(OmegaConf.missing_keys(cfg))
-    if missing:
-        raise ConfigError(f"{missing[0]}: missing value (set it: {missing[0]}=...)")
-    validate_targets(cfg)
-
-
 # --- train ------------------------------------------------------------------------------------------
 
 
@@ -87,7 +72,7 @@ def _train_app(cfg: DictConfig) -> None:
         cfg.run.dir = str(Path(cfg.run.dir) / hc.sweep.subdir)
     # Exit here rather than raise: Hydra adds a line of its own to errors raised by a job.
     try:
-        _check(cfg)
+        check(cfg)
     except _CONFIG_ERRORS as e:
         _fail(e)
     from selfimprove.loop import run
@@ -136,82 +121,15 @@ def train(args: list[str]) -> None:
 # --- eval -------------------------------------------------------------------------------------------
 
 
-def compose_config(overrides: list[str], config_dir: str = CONFIG_DIR) -> DictConfig:
-    """The config `train` would run with these overrides (Hydra's compose API, no run)."""
-    from hydra import compose, initialize_config_dir
-
-    with initialize_config_dir(config_dir=config_dir, version_base="1.3"):
-        return compose("config", overrides=overrides)
-
-
-def eval_config(saved: DictConfig, overrides: list[str], config_dir: str = CONFIG_DIR) -> DictConfig:
-    """The config to evaluate a trained run with: its saved config plus the user's overrides.
-
-    A switched group (task=jsonl) is composed fresh with the run's recipe and taken whole; everything
-    else (model, trainer/LoRA, ema, numbers) comes from the run; dotted overrides apply last, with
-    Hydra's own rules and messages (`+key=` to add, typed groups reject unknown keys).
-    """
-    from hydra import compose, initialize_config_dir
-    from hydra._internal.config_loader_impl import ConfigLoaderImpl
-    from hydra.core.global_hydra import GlobalHydra
-    from hydra.core.override_parser.overrides_parser import OverridesParser
-
-    parsed = OverridesParser.create().parse_overrides(overrides)
-    with initialize_config_dir(config_dir=config_dir, version_base="1.3"):
-        loader = GlobalHydra.instance().config_loader()
-
-        def is_group(o) -> bool:
-            return o.package is not None or bool(loader.get_group_options(o.key_or_group))
-
-        hydra_args = [o.input_line for o in parsed if o.key_or_group.startswith("hydra.")]
-        groups = [o for o in parsed if not o.key_or_group.startswith("hydra.") and is_group(o)]
-        keys = [o for o in parsed if not o.key_or_group.startswith("hydra.") and not is_group(o)]
-        if any(o.key_or_group == "recipe" for o in groups):
-            raise ConfigError("recipe: a run folder keeps its recipe; switch groups or set keys instead")
-        # The recipe only matters for switched groups; without any, a run of a recipe that is not on
-        # the search path (a user's, no --recipes) still evaluates.
-        recipe = f"recipe={saved.recipe}" if groups else "~recipe"
-        cfg = compose("config", overrides=[recipe, *hydra_args, *(o.input_line for o in groups)])
-    switched = {o.package or o.key_or_group.replace("/", ".") for o in groups}
-    with open_dict(cfg):
-        _graft(cfg, saved, switched)
-    ConfigLoaderImpl._apply_overrides_to_config(keys, cfg)
-    return cfg
-
-
-def _graft(base: DictConfig, saved: DictConfig, switched: set[str], prefix: str = "") -> None:
-    """Copy `saved` into `base` except at the switched paths, which keep `base`'s node."""
-    typed = OmegaConf.get_type(base) not in (dict, None)
-    for key in set(base) | set(saved):
-        path = f"{prefix}{key}"
-        if path in switched:
-            continue
-        if any(s.startswith(path + ".") for s in switched):
-            if key not in base:
-                base[key] = {}
-            _graft(base[key], saved.get(key, OmegaConf.create()), switched, path + ".")
-        elif key not in saved:
-            if not typed:  # an untyped node is the run's, whole; a schema field keeps its default
-                del base[key]
-        elif OmegaConf.is_dict(base.get(key)) and OmegaConf.get_type(base[key]) not in (dict, None):
-            base[key].merge_with(saved[key])  # a typed node (model, trainer): checked against its schema
-        else:
-            base[key] = saved[key]
-
-
 def evaluate(args: list[str]) -> None:
     from selfimprove.evaluate import evaluate_run
 
-    run_dir = None
-    if args and "=" not in args[0] and not args[0].startswith("~"):
-        run_dir, args = Path(args[0]), args[1:]
-        if not (run_dir / "config.yaml").is_file():
-            raise ConfigError(f"{run_dir}: not a run folder (no config.yaml)")
-    if run_dir is not None:
-        cfg = eval_config(OmegaConf.load(run_dir / "config.yaml"), args)
-    else:
-        cfg = compose_config(args)
-    _check(cfg)
+    paths, overrides = split_args(args)
+    run_dir = Path(paths[0]) if paths else None
+    try:
+        cfg = load_config(run_dir, overrides)
+    except CommandError as e:
+        raise ConfigError(str(e)) from None
     global _in_job
     _in_job = True
     print(json.dumps(evaluate_run(cfg, run_dir), indent=1))
@@ -289,30 +207,6 @@ def _hydra_raises() -> Iterator[None]:
             del os.environ["HYDRA_FULL_ERROR"]
         else:
             os.environ["HYDRA_FULL_ERROR"] = old
-
-
-def describe(error: BaseException) -> str:
-    """A config error as one line that starts with the key or option at fault."""
-    if isinstance(error, ConfigError):  # ours: already names the key (a resume diff keeps its lines)
-        return str(error)
-    if isinstance(error, OverrideParseException):
-        return f"{error.override}: {error.message.splitlines()[0]}"
-    if isinstance(error, MissingConfigException) and error.options is not None:
-        group, _, name = (error.missing_cfg_file or "").rpartition("/")
-        options = ", ".join(o for o in error.options if not o.endswith("_schema"))
-        hint = " (a recipe of your own? add --recipes DIR)" if group == "recipe" else ""
-        return f"{group}={name}: no such option (available: {options}){hint}"
-    cause = error if isinstance(error, OmegaConfBaseException) else error.__cause__
-    if isinstance(cause, OmegaConfBaseException) and getattr(cause, "full_key", None):
-        why = str(cause.msg).splitlines()[0]
-        node = cause.parent_node
-        if why.startswith("Key ") and OmegaConf.is_dict(node):  # unknown key: list the ones there are
-            parent = cause.full_key.rpartition(".")[0] or "the config"
-            why = f"no such key in {parent} (keys: {', '.join(str(k) for k in node)})"
-        return f"{cause.full_key}: {why}"
-    lines = [line.strip() for line in str(error).splitlines()]
-    lines = lines[: lines.index("Config search path:")] if "Config search path:" in lines else lines
-    return " ".join(line for line in lines if line and not line.startswith("Set the environment"))
 
 
 def main() -> None:

@@ -3,107 +3,19 @@
 Writes a run's newest checkpoint as a folder other tools load without selfimprove: a merged
 transformers model (`--merge`, and always for a full fine-tune) or a PEFT adapter. The folder is
 written next to OUT_DIR and renamed into place, so a killed export never leaves half a model there.
-
-Also home of what `export` and `sample` share: telling key=value overrides from paths, the config of
-a run folder or a model, and one-line errors.
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
-import re
 import shutil
-import sys
-from collections.abc import Iterator
 from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
-# An override is `key=value`, `+key=value`, `~key`...; the key never holds a "/" (a path with "=",
-# like a sweep's `runs/x/seed=1`, is a path).
-_OVERRIDE = re.compile(r"^[~+]{0,2}[\w.@-]+(=|$)")
-
-
-class CommandError(Exception):
-    """A user-facing failure of a command: printed as one line, no traceback."""
-
-
-def is_override(arg: str) -> bool:
-    if arg.startswith("-") or not _OVERRIDE.match(arg) or Path(arg).exists():
-        return False
-    return "=" in arg or arg.startswith("~")
-
-
-def split_args(argv: list[str]) -> tuple[list[str], list[str]]:
-    """(everything else, key=value overrides), in their order."""
-    rest = [a for a in argv if not is_override(a)]
-    return rest, [a for a in argv if is_override(a)]
-
-
-def pop_option(overrides: list[str], key: str, default: str | None = None) -> str | None:
-    """Takes a command's own `key=value` (not a config key, e.g. out=FILE) out of the overrides."""
-    value = default
-    for arg in [a for a in overrides if a.startswith(key + "=")]:
-        value = arg.split("=", 1)[1]
-        overrides.remove(arg)
-    return value
-
-
-def load_config(run_dir: Path | None, overrides: list[str]) -> DictConfig:
-    """A run folder's saved config with the overrides applied (as `selfimprove eval` does), or, with
-    no run folder, the config `train` would compose from them. Checked before any model loads."""
-    from selfimprove.cli import compose_config, eval_config
-    from selfimprove.config import ConfigError, register, validate_targets
-
-    register()
-    if run_dir is not None:
-        if not (run_dir / "config.yaml").is_file():
-            raise CommandError(f"{run_dir}: not a run folder (no config.yaml)")
-        cfg = eval_config(OmegaConf.load(run_dir / "config.yaml"), overrides)
-    else:
-        cfg = compose_config(overrides)
-    missing = sorted(OmegaConf.missing_keys(cfg))
-    if missing:
-        raise ConfigError(f"{missing[0]}: missing value (set it: {missing[0]}=...)")
-    validate_targets(cfg)
-    return cfg
-
-
-@contextlib.contextmanager
-def one_line_errors(command: str) -> Iterator[None]:
-    """Known failures end the process with `<command>: <why>` on stderr: 2 for a config mistake,
-    1 for anything else we expect (no checkpoint, an unreadable one, a refused folder)."""
-    from hydra.errors import HydraException
-    from omegaconf.errors import OmegaConfBaseException
-
-    from selfimprove.checkpoint import CheckpointError
-    from selfimprove.config import ConfigError
-
-    try:
-        yield
-    except (ConfigError, HydraException, OmegaConfBaseException) as e:
-        from selfimprove.cli import describe
-
-        print(f"{command}: {describe(e)}", file=sys.stderr)
-        sys.exit(2)
-    except (CommandError, CheckpointError) as e:
-        print(f"{command}: {e}", file=sys.stderr)
-        sys.exit(1)
-
-
-def restore(engine, run_dir: Path, weights: str, flag: str = "--weights ema") -> Path:
-    """Loads the run's newest checkpoint into the engine; refuses EMA weights the run did not keep
-    (the engine would otherwise hold an average that never moved from the base)."""
-    found = engine.restore(run_dir)
-    if found is None:
-        raise CommandError(f"{run_dir} has no checkpoint")
-    if weights == "ema" and (engine.ema is None or not (found[0] / "ema.safetensors").exists()):
-        raise CommandError(f"{flag} but the run kept no EMA")
-    return found[0]
-
+from selfimprove.compose import CommandError, load_config, one_line_errors, restore, split_args
 
 # --- export -----------------------------------------------------------------------------------------
 

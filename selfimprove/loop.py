@@ -271,6 +271,7 @@ class Loop:
                 "tokens_per_second": r.record.get("sample/tokens", 0) / generate if generate else None,
                 "compute_seconds": r.compute,
                 "max_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
+                "device": str(self.engine.device),
             }
         )
         self.logger.log(r.record, self.journal["global_step"])

@@ -16,7 +16,7 @@ import os
 import tempfile
 from pathlib import Path
 
-from selfimprove.export import CommandError, load_config, one_line_errors, pop_option, restore, split_args
+from selfimprove.compose import CommandError, load_config, one_line_errors, pop_option, restore, split_args
 
 FORMATS = (".parquet", ".jsonl")
 # Read first in a table: what was asked and what came back; the rest follows in the loop's order.

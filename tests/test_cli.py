@@ -14,7 +14,8 @@ from hydra.errors import HydraException
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from selfimprove.cli import _recipe_searchpath, _sweep_dirname, compose_config, describe, eval_config
+from selfimprove.cli import _recipe_searchpath, _sweep_dirname
+from selfimprove.compose import compose_config, describe, eval_config
 from selfimprove.config import ConfigError, register
 
 register()

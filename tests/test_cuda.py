@@ -8,12 +8,11 @@ import pytest
 import torch
 from conftest import TINY, run_cli
 from omegaconf import OmegaConf
+from test_sampler import assert_recorded_stats_match, completion_logits, mixed_length_prompts
 
 from selfimprove import models
 from selfimprove.config import ModelConfig
 from selfimprove.sampling import HFSampler, sequence_logprobs
-from selfimprove.tasks import ArithmeticTask
-from selfimprove.verify.self_certainty import token_stats
 
 pytestmark = [
     pytest.mark.cuda,
@@ -27,35 +26,9 @@ def tiny_cuda():
     return models.load_model(cfg).to("cuda"), models.load_tokenizer(cfg)
 
 
-def mixed_length_prompts(sampler: HFSampler, n: int = 4) -> list[list[int]]:
-    prompts = [sampler.encode(ArithmeticTask().train_problem(i)) for i in range(n)]
-    prompts[1] = prompts[1][:-2]  # different lengths: left padding matters
-    return prompts
-
-
-def completion_logits(model, prompt: list[int], completion: list[int]) -> torch.Tensor:
-    """The logits that predicted each completion token, from one plain forward pass on the model's device."""
-    ids = torch.tensor([prompt + completion], device=next(model.parameters()).device)
-    with torch.no_grad():
-        logits = model(input_ids=ids).logits
-    return logits[0, len(prompt) - 1 : len(prompt) - 1 + len(completion)].float().cpu()
-
-
 @pytest.mark.parametrize("temperature", [1.0, 0.5])
 def test_recorded_stats_match_a_forward_pass_on_cuda(tiny_cuda, temperature):
-    model, tok = tiny_cuda
-    sampler = HFSampler(tok)
-    prompts = mixed_length_prompts(sampler)
-    rows = sampler.generate(model, prompts, max_new_tokens=6, temperature=temperature, seed=1)
-    for p, row in zip(prompts, rows):
-        logp, sc, ent = token_stats(completion_logits(model, p, row["completion_ids"]))
-        want_lp = logp.gather(1, torch.tensor(row["completion_ids"])[:, None])[:, 0]
-        torch.testing.assert_close(torch.tensor(row["logprobs"]), want_lp, atol=2e-4, rtol=1e-4)
-        torch.testing.assert_close(torch.tensor(row["self_certainty"]), sc, atol=2e-4, rtol=1e-4)
-        torch.testing.assert_close(torch.tensor(row["entropy"]), ent, atol=2e-4, rtol=1e-4)
-    again = sequence_logprobs(model, prompts, [r["completion_ids"] for r in rows], tok.pad_token_id)
-    for got, row in zip(again, rows):
-        torch.testing.assert_close(torch.tensor(got), torch.tensor(row["logprobs"]), atol=2e-4, rtol=1e-4)
+    assert_recorded_stats_match(*tiny_cuda, temperature, max_new_tokens=6)
 
 
 def test_greedy_on_cuda_is_the_argmax(tiny_cuda):
@@ -96,5 +69,6 @@ def test_cli_trains_the_tiny_recipe_on_cuda(tmp_path, dtype):
     accuracy = {x["round"]: x["eval/accuracy"] for x in lines if "eval/accuracy" in x}
     assert set(range(1, rounds + 1)) <= set(accuracy), f"eval/accuracy only for rounds {sorted(accuracy)}"
     assert all(0.0 <= a <= 1.0 for a in accuracy.values())
+    assert all(x["device"].startswith("cuda") for x in lines if "eval/accuracy" in x)
     losses = [x["train/loss"] for x in lines if "train/loss" in x]
     assert losses and all(math.isfinite(x) for x in losses), losses

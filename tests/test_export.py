@@ -17,10 +17,10 @@ from hydra.utils import instantiate
 from omegaconf import OmegaConf
 from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
-from selfimprove.cli import compose_config
+from selfimprove.compose import compose_config, load_config
 from selfimprove.config import register
 from selfimprove.engine import Engine
-from selfimprove.export import load_config, main
+from selfimprove.export import main
 
 register()
 MAX_NEW = 8

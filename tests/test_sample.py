@@ -9,8 +9,8 @@ import pyarrow.parquet as pq
 import pytest
 from test_export import fake_run, fresh_accelerator_state  # noqa: F401 (an autouse fixture)
 
+from selfimprove.compose import load_config
 from selfimprove.engine import Engine
-from selfimprove.export import load_config
 from selfimprove.sample import main
 
 TINY_MODEL = ["recipe=sharpen_sft", "model=tiny", "sampler.n=2", "prompts=3"]

@@ -60,19 +60,20 @@ def mixed_length_prompts(sampler: HFSampler) -> list[list[int]]:
 
 
 def completion_logits(model, prompt: list[int], completion: list[int]) -> torch.Tensor:
-    """The logits that predicted each completion token, from one plain forward pass (no generate)."""
+    """The logits that predicted each completion token, from one plain forward pass (no generate),
+    on the model's device."""
+    ids = torch.tensor([prompt + completion], device=next(model.parameters()).device)
     with torch.no_grad():
-        logits = model(input_ids=torch.tensor([prompt + completion])).logits
-    return logits[0, len(prompt) - 1 : len(prompt) - 1 + len(completion)]
+        logits = model(input_ids=ids).logits
+    return logits[0, len(prompt) - 1 : len(prompt) - 1 + len(completion)].float().cpu()
 
 
-@pytest.mark.parametrize("model_name", ["tiny", "opinionated"])
-@pytest.mark.parametrize("temperature", [1.0, 0.5])
-def test_recorded_stats_match_a_forward_pass(request, model_name, temperature):
-    model, tok = request.getfixturevalue(model_name)
+def assert_recorded_stats_match(model, tok, temperature: float, max_new_tokens: int = 5) -> None:
+    """Recorded log-probs, self-certainty and entropy equal a plain forward pass, and so do
+    `sequence_logprobs`; on whatever device the model is."""
     sampler = HFSampler(tok)
     prompts = mixed_length_prompts(sampler)
-    rows = sampler.generate(model, prompts, max_new_tokens=5, temperature=temperature, seed=1)
+    rows = sampler.generate(model, prompts, max_new_tokens=max_new_tokens, temperature=temperature, seed=1)
     for p, row in zip(prompts, rows):
         logp, sc, ent = token_stats(completion_logits(model, p, row["completion_ids"]))
         want_lp = logp.gather(1, torch.tensor(row["completion_ids"])[:, None])[:, 0]
@@ -83,6 +84,12 @@ def test_recorded_stats_match_a_forward_pass(request, model_name, temperature):
     again = sequence_logprobs(model, prompts, [r["completion_ids"] for r in rows], tok.pad_token_id)
     for got, row in zip(again, rows):
         torch.testing.assert_close(torch.tensor(got), torch.tensor(row["logprobs"]), atol=2e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("model_name", ["tiny", "opinionated"])
+@pytest.mark.parametrize("temperature", [1.0, 0.5])
+def test_recorded_stats_match_a_forward_pass(request, model_name, temperature):
+    assert_recorded_stats_match(*request.getfixturevalue(model_name), temperature)
 
 
 @pytest.mark.parametrize("lora", [False, True])
