@@ -191,13 +191,6 @@ def load_latest(
     return None
 
 
-def load(path: Path, *, optimizer: torch.optim.Optimizer, scheduler: Any) -> dict[str, Any]:
-    """One given checkpoint: restores optimizer/scheduler/RNG in place; returns weights, EMA, journal."""
-    state = _read(path, training=True)
-    _apply(state, optimizer, scheduler)
-    return {k: state[k] for k in ("weights", "ema", "journal")}
-
-
 def _read(path: Path, *, training: bool) -> dict[str, Any]:
     """Every file of a checkpoint, fully, into memory; the journal last (the file a test tears)."""
     ema, rng = path / "ema.safetensors", path / f"rng-rank{dist.rank()}.pt"

@@ -21,6 +21,7 @@ from transformers import get_scheduler
 from selfimprove import checkpoint, models
 from selfimprove import distributed as dist
 from selfimprove.ema import EMA
+from selfimprove.ema import weights as ema_weights
 from selfimprove.sampling import HFSampler
 from selfimprove.sampling.hf import sequence_logprobs
 
@@ -88,11 +89,9 @@ class Engine:
         self.ema = EMA(self.policy, cfg.ema.warmup, cfg.ema.power, cfg.ema.floor) if cfg.ema.enabled else None
 
     # ----- which weights -----
-    def weights(self, which: str):
+    def weights(self, which: str) -> contextlib.AbstractContextManager:
         """A context with the raw ("raw") or averaged ("ema") weights in the policy."""
-        if which == "ema" and self.ema is not None:
-            return self.ema.swapped_in(self.policy)
-        return contextlib.nullcontext()
+        return ema_weights(self.policy, self.ema, which)
 
     @contextlib.contextmanager
     def reference(self) -> Iterator[torch.nn.Module]:

@@ -81,8 +81,7 @@ class Loop:
     def __init__(self, cfg: DictConfig) -> None:
         self.cfg = cfg
         check_trainable(cfg)
-        self.run_dir = prepare_run_dir(cfg)
-        try:
+        try:  # the data before the run folder: a bad file must not leave a run to resume
             self.task = instantiate(cfg.task)
         except InstantiationException as e:  # bad data: the task's own message names the file and line
             raise ConfigError(f"task: {e.__cause__ or e}") from None
@@ -93,6 +92,7 @@ class Loop:
         self.scorers = [instantiate(v) for v in cfg.verifiers.values()]
         self.selector = instantiate(cfg.selector)
         self.objective = instantiate(cfg.objective)
+        self.run_dir = prepare_run_dir(cfg)
         needs_base = any(getattr(s, "needs_base_logprobs", False) for s in self.scorers)
         self.engine = Engine(cfg, train=True, reference=needs_base)
         self.journal = {"round": 0, "phase": "evaluate", "update_step": 0, "global_step": 0}

@@ -62,3 +62,12 @@ def test_truncated_weights_in_the_latest_checkpoint_fall_back_to_the_one_before(
     want, got = final_state(baseline_run), final_state(run_dir)
     for name in want:
         assert (want[name] == got[name]).all(), name
+
+
+def test_empty_data_file_names_it_and_leaves_no_run_behind(tmp_path):
+    data = tmp_path / "empty.jsonl"
+    data.write_text("")
+    run_dir = tmp_path / "r"
+    proc = run_cli(["train", *TINY, f"run.dir={run_dir}", "task=jsonl", f"task.path={data}"], check=False)
+    assert str(data) in _error_line(proc)
+    assert not (run_dir / "config.yaml").exists()  # fixing the file and running again just works
