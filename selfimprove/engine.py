@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -24,6 +25,9 @@ from selfimprove.ema import EMA
 from selfimprove.ema import weights as ema_weights
 from selfimprove.sampling import HFSampler
 from selfimprove.sampling.hf import sequence_logprobs
+
+# peft and accelerate still ask transformers 5 for the old name; users cannot act on the warning.
+warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
 
 MIXED_PRECISION = {"float32": "no", "bfloat16": "bf16", "float16": "fp16"}
 

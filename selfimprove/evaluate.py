@@ -28,7 +28,7 @@ def eval_key(cfg: DictConfig) -> str:
         "seed": cfg.seed,
         "max_prompt_tokens": cfg.sampler.max_prompt_tokens,
     }
-    for key in ("every", "k_every_round", "before", "batch_size"):  # when, not what
+    for key in ("every", "k_every_round", "before"):  # when, not what (batch_size sets the units' seeds)
         parts["eval"].pop(key, None)
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:10]
 

@@ -137,3 +137,16 @@ def test_end_of_turn_is_eos_and_pad_whatever_the_converter_chose():
     models.set_end_of_turn(tokenizer)
     assert tokenizer.eos_token == tokenizer.pad_token == "<|im_end|>"
     assert tokenizer.eos_token_id == tokenizer.pad_token_id == 2
+
+
+def test_bf16_recipe_runs_end_to_end(tmp_path):
+    import json
+
+    from conftest import TINY, run_cli
+
+    run_dir = tmp_path / "r"
+    run_cli(["train", *TINY, "loop.rounds=1", "eval.k=0", "model.dtype=bfloat16", f"run.dir={run_dir}"])
+    lines = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    losses = [x["train/loss"] for x in lines if "train/loss" in x]
+    assert len(losses) == 3 and all(torch.isfinite(torch.tensor(losses)))
+    assert [x["round"] for x in lines if "eval/accuracy" in x] == [0, 1]
