@@ -233,6 +233,9 @@ def test_wheel_carries_configs_and_recipes(tmp_path):
     assert "selfimprove/_configs/recipe/quickstart.yaml" in names
     assert "selfimprove/_configs/model/tiny.yaml" in names
     assert len(names) == len(set(names))  # configs/recipe (a link to recipes/) is not packed twice
+    # pyproject lists the packages by hand (the configs are mapped in): none may be left out
+    modules = {p.relative_to(REPO).as_posix() for p in (REPO / "selfimprove").rglob("*.py")}
+    assert modules <= set(names), sorted(modules - set(names))
 
     # The unpacked wheel, ahead of this checkout on the path, composes from its own configs.
     zipfile.ZipFile(wheel).extractall(tmp_path / "site")
