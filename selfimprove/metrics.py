@@ -31,12 +31,23 @@ def pass_at_k(n: int, c: int, k: int) -> float:
     return 1.0 - prod
 
 
+def votes(answers: Sequence[Hashable | None]) -> Counter:
+    """How many samples gave each answer; None (nothing extracted) does not vote."""
+    return Counter(a for a in answers if a is not None)
+
+
+def majority_answer(answers: Sequence[Hashable | None]) -> Hashable | None:
+    """The most frequent answer, ties to the first seen; None if no sample gave one. The one
+    majority vote behind maj@k, the majority selector and the agreement scorer."""
+    counts = votes(answers)
+    return max(counts, key=lambda a: counts[a]) if counts else None  # Counter keeps first-seen order
+
+
 def _majority(pairs: Sequence[tuple[Hashable | None, bool]]) -> tuple[Hashable | None, bool]:
-    """(majority answer, its correctness); ties -> first seen; None answers do not vote."""
-    votes = Counter(a for a, _ in pairs if a is not None)
-    if not votes:
+    """(majority answer, its correctness)."""
+    winner = majority_answer([a for a, _ in pairs])
+    if winner is None:
         return None, False
-    winner = max(votes, key=lambda a: votes[a])  # first maximum in first-seen order
     return winner, next(bool(c) for a, c in pairs if a == winner)
 
 

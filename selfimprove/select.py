@@ -8,8 +8,10 @@ Scores are read from ``row[f"score/{name}"]``, where the loop stored them.
 from __future__ import annotations
 
 import math
-from collections import Counter, defaultdict
+from collections import defaultdict
 from collections.abc import Iterator
+
+from selfimprove.metrics import majority_answer, votes
 
 
 def _by_prompt(rows: list[dict]) -> dict[str, list[int]]:
@@ -64,12 +66,11 @@ class MajorityVote:
     def __call__(self, rows: list[dict]) -> list[int]:
         keep: list[int] = []
         for idx in _by_prompt(rows).values():
-            votes = Counter(rows[i]["answer"] for i in idx if rows[i]["answer"] is not None)
-            if not votes:
+            answers = [rows[i]["answer"] for i in idx]
+            winner = majority_answer(answers)
+            if winner is None:
                 continue
-            # Counter preserves first-insertion order and max() keeps the first maximum
-            winner = max(votes, key=lambda a: votes[a])
-            if votes[winner] / len(idx) < self.min_agreement:
+            if votes(answers)[winner] / len(idx) < self.min_agreement:
                 continue
             carriers = [i for i in idx if rows[i]["answer"] == winner]
             keep.append(min(carriers, key=lambda i: (rows[i]["sample_idx"], i)))

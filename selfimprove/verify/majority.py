@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from collections import Counter, defaultdict
+from collections import defaultdict
+
+from selfimprove.metrics import votes
 
 
 class MajorityAgreement:
@@ -16,16 +18,13 @@ class MajorityAgreement:
     needs_base_logprobs: bool = False
 
     def __call__(self, rows: list[dict]) -> list[float]:
-        counts: dict[str, Counter] = defaultdict(Counter)
-        sizes: Counter = Counter()
+        answers: dict[str, list] = defaultdict(list)
         for row in rows:
-            sizes[row["prompt_id"]] += 1
-            if row["answer"] is not None:
-                counts[row["prompt_id"]][row["answer"]] += 1
-        out = []
-        for row in rows:
-            if row["answer"] is None:
-                out.append(0.0)
-            else:
-                out.append(counts[row["prompt_id"]][row["answer"]] / sizes[row["prompt_id"]])
-        return out
+            answers[row["prompt_id"]].append(row["answer"])
+        counts = {prompt: votes(group) for prompt, group in answers.items()}
+        return [
+            0.0
+            if row["answer"] is None
+            else counts[row["prompt_id"]][row["answer"]] / len(answers[row["prompt_id"]])
+            for row in rows
+        ]
