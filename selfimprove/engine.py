@@ -21,6 +21,7 @@ from transformers import get_scheduler
 
 from selfimprove import checkpoint, models
 from selfimprove import distributed as dist
+from selfimprove.config import ConfigError
 from selfimprove.ema import EMA
 from selfimprove.ema import weights as ema_weights
 from selfimprove.sampling import HFSampler
@@ -42,11 +43,11 @@ def build_optimizer(params: list[torch.nn.Parameter], cfg) -> torch.optim.Optimi
         try:
             import bitsandbytes as bnb
         except ImportError:
-            raise ValueError(
+            raise ConfigError(
                 "trainer.optimizer=adamw_8bit needs bitsandbytes: pip install bitsandbytes"
             ) from None
         return bnb.optim.AdamW8bit(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    raise ValueError(f"trainer.optimizer: {cfg.optimizer!r} is not adamw|adamw_8bit|sgd")
+    raise ConfigError(f"trainer.optimizer: {cfg.optimizer!r} is not adamw|adamw_8bit|sgd")
 
 
 class Engine:
