@@ -69,6 +69,7 @@ class Engine:
         self.frozen = None
         if reference and not cfg.trainer.lora:
             self.frozen = copy.deepcopy(model).requires_grad_(False).to(self.device)
+        torch.manual_seed(dist.derive_seed(cfg.seed, "init"))  # LoRA's A is drawn: same seed, same run
         model = models.add_lora(model, cfg.trainer) if cfg.trainer.lora else model.requires_grad_(True)
         models.upcast_trainable(model)
         if cfg.trainer.gradient_checkpointing:

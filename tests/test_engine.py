@@ -150,3 +150,20 @@ def test_bf16_recipe_runs_end_to_end(tmp_path):
     losses = [x["train/loss"] for x in lines if "train/loss" in x]
     assert len(losses) == 3 and all(torch.isfinite(torch.tensor(losses)))
     assert [x["round"] for x in lines if "eval/accuracy" in x] == [0, 1]
+
+
+def test_same_seed_same_adapter_whatever_the_global_rng(tmp_path):
+    # A model loaded from a folder draws LoRA's A from the global RNG: unseeded, two runs of the same
+    # recipe and seed trained different adapters (the default job diverged after its first update).
+    base = Engine(cfg_of(), train=False)
+    base.policy.get_base_model().save_pretrained(tmp_path / "m")
+    base.tokenizer.save_pretrained(tmp_path / "m")
+
+    def adapter(seed: int) -> dict[str, torch.Tensor]:
+        torch.manual_seed(torch.randint(0, 2**31, (1,)).item())  # whatever happened before
+        engine = Engine(cfg_of("model=hf", f"model.path={tmp_path / 'm'}", f"seed={seed}"), train=False)
+        return {n: p.detach().clone() for n, p in engine.policy.named_parameters() if "lora_A" in n}
+
+    a, b, c = adapter(0), adapter(0), adapter(1)
+    assert all(torch.equal(a[n], b[n]) for n in a)
+    assert not all(torch.equal(a[n], c[n]) for n in a)

@@ -16,6 +16,7 @@ def _train_lines(run_dir):
 @pytest.mark.parametrize(
     "signal_at",
     [
+        "sample:r2:u0",  # while sampling: round 1 is checkpointed, round 2's first shard kept
         "verify:r1:u0",  # while scoring: stops before the update
         "eval:r1:u0",  # while evaluating round 1: the update is checkpointed already
         "update:r1:s1,checkpoint:r0001-s000001",  # a second SIGTERM during the preemption checkpoint
@@ -25,6 +26,11 @@ def test_sigterm_in_any_phase_stops_cleanly_and_resumes(tmp_path, baseline_run, 
     run_dir = tmp_path / "run"
     proc = run_cli(["train", *TINY, f"run.dir={run_dir}"], env={"SELFIMPROVE_SIGTERM_AT": signal_at})
     assert "stopped by signal" in proc.stdout
+    if signal_at.startswith("sample"):
+        assert (
+            len(_train_lines(run_dir)) == 3
+            and not (run_dir / "rounds/r0002/samples/unit-00001.parquet").exists()
+        )
     if signal_at.startswith("verify"):
         assert not (run_dir / "metrics.jsonl").exists() or not _train_lines(run_dir)
     if signal_at.startswith("eval"):
