@@ -23,7 +23,7 @@ from omegaconf.errors import OmegaConfBaseException
 from selfimprove.compose import CONFIG_DIR, CommandError, check, describe, load_config, split_args
 from selfimprove.config import ConfigError, register
 
-USAGE = """usage: selfimprove {{train,eval,sample,export}} [--recipes DIR] [key=value ...]
+USAGE = """usage: selfimprove {{train,eval,sample,verify-report,export}} [--recipes DIR] [key=value ...]
 
   train   run (or resume) a recipe:   selfimprove train recipe=oracle_sft model=tiny loop.rounds=2
           selfimprove train --help    config groups and options
@@ -39,6 +39,10 @@ USAGE = """usage: selfimprove {{train,eval,sample,export}} [--recipes DIR] [key=
   sample  write samples with log-probs, self-certainty and every scorer's score, to look at:
           selfimprove sample runs/quickstart sampler.n=8 prompts=16 out=samples.parquet
           selfimprove sample model=smollm2_135m recipe=sharpen_sft out=samples.jsonl
+  verify-report  which verifier picks the right answer among N: AUROC (pooled, within prompts),
+          best-of-N vs random / majority / pass@N, calibration of P(True), cost; json, md, plots:
+          selfimprove verify-report runs/quickstart sampler.n=8 prompts=100 out=report/
+          selfimprove verify-report model=smollm2_135m sampler.n=8 verifiers=self_certainty,ptrue out=report/
   export  a folder transformers (or peft, for an unmerged LoRA adapter) loads:
           selfimprove export runs/quickstart OUT_DIR [--weights raw|ema] [--merge] [--force]
 
@@ -138,8 +142,8 @@ def evaluate(args: list[str]) -> None:
 # --- the entry point --------------------------------------------------------------------------------
 
 
-# One function per subcommand, each taking its arguments after --recipes is handled; `sample` and
-# `export` join here.
+# One function per subcommand, each taking its arguments after --recipes is handled; `sample`,
+# `verify-report` and `export` join here.
 def export(args: list[str]) -> None:
     from selfimprove.export import main as export_main
 
@@ -152,10 +156,17 @@ def sample(args: list[str]) -> None:
     sample_main(args)
 
 
+def verify_report(args: list[str]) -> None:
+    from selfimprove.verify_report import main as report_main
+
+    report_main(args)
+
+
 COMMANDS: dict[str, Callable[[list[str]], None]] = {
     "train": train,
     "eval": evaluate,
     "sample": sample,
+    "verify-report": verify_report,
     "export": export,
 }
 

@@ -203,13 +203,7 @@ def validate_targets(cfg: DictConfig) -> None:
     for group in ("task", "selector", "objective"):
         if not isinstance(container.get(group), dict) or "_target_" not in container[group]:
             raise ConfigError(f"{group}: missing (choose one with {group}=NAME)")
-    sel_scores = [container["selector"].get("score")]
-    for score in sel_scores:
-        if score and score not in _scorer_names(container):
-            raise ConfigError(
-                f"selector.score: '{score}' is not produced by any verifier "
-                f"(verifiers give: {sorted(_scorer_names(container))})"
-            )
+    check_stage_columns(container)
     if cfg.sampler.backend != "hf":
         raise ConfigError(
             f"sampler.backend: {cfg.sampler.backend!r} is not available; this version samples with 'hf' "
@@ -253,10 +247,27 @@ def check_trainable(cfg: DictConfig) -> None:
         )
 
 
-def _scorer_names(container: dict) -> set[str]:
+def check_stage_columns(container: dict) -> None:
+    """The stages are built (cheap: none loads a model when built) to read their declared columns:
+    a selector reading a score no verifier writes fails here, naming both."""
     from hydra.utils import instantiate
 
-    return {instantiate(v).name for v in container.get("verifiers", {}).values()}
+    from selfimprove.stages import check_columns
+
+    scorers = [_build(f"verifiers.{k}", v, instantiate) for k, v in container.get("verifiers", {}).items()]
+    selector = _build("selector", container["selector"], instantiate)
+    try:
+        check_columns(scorers, selector)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+
+
+def _build(path: str, node: dict, instantiate):
+    try:
+        return instantiate(node)
+    except Exception as e:  # the stage's own check of its arguments
+        cause = e.__cause__ or e
+        raise ConfigError(f"{path}: {cause}") from None
 
 
 CONSTANT_SCHEDULERS = ("constant", "constant_with_warmup")

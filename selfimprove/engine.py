@@ -25,7 +25,7 @@ from selfimprove.config import ConfigError
 from selfimprove.ema import EMA
 from selfimprove.ema import weights as ema_weights
 from selfimprove.sampling import HFSampler
-from selfimprove.sampling.hf import sequence_logprobs
+from selfimprove.sampling.hf import next_token_logprobs, sequence_logprobs
 
 # peft and accelerate still ask transformers 5 for the old name; users cannot act on the warning.
 warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
@@ -63,6 +63,7 @@ class Engine:
         self.tokenizer = models.load_tokenizer(cfg.model)
         self.sampler = HFSampler(self.tokenizer, cfg.sampler.max_prompt_tokens)
         self.pad = self.tokenizer.pad_token_id
+        self._classifiers: dict[str, tuple] = {}
 
         model = models.load_model(cfg.model)
         # A full fine-tune has no free base: keep a frozen copy, on the policy's device.
@@ -121,14 +122,44 @@ class Engine:
         batch_size: int = 64,
     ) -> list[list[float]]:
         """Per-token log-probs of given completions under the policy ("policy") or the base ("base")."""
-        context = self.reference() if weights == "base" else contextlib.nullcontext(self.policy)
         out: list[list[float]] = []
-        with context as model, self.accelerator.autocast():
+        with self._weights(weights) as model, self.accelerator.autocast():
             for s in range(0, len(prompts), batch_size):
                 out += sequence_logprobs(
                     model, prompts[s : s + batch_size], completions[s : s + batch_size], self.pad
                 )
         return out
+
+    def _weights(self, which: str) -> contextlib.AbstractContextManager:
+        if which not in ("policy", "base"):
+            raise ValueError(f"weights must be 'policy' or 'base', got {which!r}")
+        return self.reference() if which == "base" else contextlib.nullcontext(self.policy)
+
+    def next_token_logprobs(
+        self,
+        prefix: list[int],
+        suffixes: list[list[int]],
+        candidates: list[int],
+        weights: str = "policy",
+        batch_size: int = 64,
+    ) -> list[list[float]]:
+        """log p(candidate | prefix + suffix) per suffix, the shared prefix computed once (P(True))."""
+        with self._weights(weights) as model, self.accelerator.autocast():
+            return next_token_logprobs(model, prefix, suffixes, candidates, self.pad, batch_size)
+
+    def classifier(self, path: str) -> tuple[torch.nn.Module, object]:
+        """A sequence-classification model (a reward model) and its tokenizer, loaded once, on this
+        engine's device. Loaded from a local folder only: the run never reaches the hub."""
+        if path not in self._classifiers:
+            from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+            folder = Path(path).expanduser()
+            if not folder.exists():
+                raise ValueError(f"reward model {path}: no such folder")
+            model = AutoModelForSequenceClassification.from_pretrained(folder, local_files_only=True)
+            tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
+            self._classifiers[path] = (model.requires_grad_(False).eval().to(self.device), tokenizer)
+        return self._classifiers[path]
 
     # ----- checkpoints -----
     def save(self, run_dir: Path, journal: dict) -> Path:

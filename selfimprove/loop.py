@@ -26,6 +26,7 @@ from selfimprove.engine import Engine
 from selfimprove.evaluate import evaluate
 from selfimprove.logging import MetricsLogger, progress, trim_metrics
 from selfimprove.metrics import summarize_round
+from selfimprove.stages import Context, order_stages
 from selfimprove.train import update
 
 _stop = {"requested": False}
@@ -89,11 +90,17 @@ class Loop:
             self.task.eval_problems(cfg.eval.n_problems)
         except ValueError as e:
             raise ConfigError(f"eval.n_problems={cfg.eval.n_problems}: {e}") from None
-        self.scorers = [instantiate(v) for v in cfg.verifiers.values()]
-        self.selector = instantiate(cfg.selector)
+        stages = {f"verifiers.{k}": instantiate(v) for k, v in cfg.verifiers.items()}
+        stages["selector"] = self.selector = instantiate(cfg.selector)
+        for key, stage in stages.items():
+            try:  # what the task must offer a stage (curation's real data): before the run folder too
+                stage.check(self.task)
+            except ValueError as e:
+                raise ConfigError(f"{key}: {e}") from None
+        self.scorers = order_stages([s for k, s in stages.items() if k != "selector"])
         self.objective = instantiate(cfg.objective)
         self.run_dir = prepare_run_dir(cfg)
-        needs_base = any(getattr(s, "needs_base_logprobs", False) for s in self.scorers)
+        needs_base = any(s.needs_reference for s in (*self.scorers, self.selector))
         self.engine = Engine(cfg, train=True, reference=needs_base)
         self.journal = {"round": 0, "phase": "evaluate", "update_step": 0, "global_step": 0}
         if cfg.resume == "auto" and (found := self.engine.restore(self.run_dir)) is not None:
@@ -136,6 +143,11 @@ class Loop:
             r.record["sample/tokens"] = sum(len(row["completion_ids"]) for row in rows)
         return rows
 
+    def context(self, r: Round, *parts: object) -> Context:
+        """What a stage may ask for, seeded by (seed, round, *parts)."""
+        seed = dist.derive_seed(self.cfg.seed, r.number, *parts)
+        return Context(self.engine, self.task, seed, self.cfg.sampler.batch_size, r.compute)
+
     def verify(self, r: Round) -> list[dict] | None:
         """Every scorer attaches a score to every sample."""
         cfg = self.cfg
@@ -145,9 +157,7 @@ class Loop:
                 r.folder / "scored",
                 phases.n_units(cfg.loop.prompts_per_round, cfg.sampler.n, cfg.sampler.batch_size),
                 scorers=self.scorers,
-                engine=self.engine,
-                batch_size=cfg.sampler.batch_size,
-                timer=r.compute,
+                context_of_unit=lambda u: self.context(r, "verify", u),
                 should_stop=should_stop,
                 fault=f"verify:r{r.number}",
             )
@@ -155,10 +165,10 @@ class Loop:
     def select(self, r: Round, rows: list[dict]) -> list[dict]:
         """Scored samples -> training examples (the same result on every rank)."""
         with r.phase("select"):
-            chosen = self.selector(rows)
-            r.record.update(summarize_round(rows, chosen, [s.name for s in self.scorers]))
+            examples = self.selector(rows, self.context(r, "select"))
+            r.record.update(summarize_round(rows, examples, [s.name for s in self.scorers]))
         faults.point(f"phase:r{r.number}:select")
-        return [rows[i] for i in chosen]
+        return examples
 
     def update(self, r: Round, examples: list[dict]) -> bool:
         """K optimizer steps (+ EMA after each); False if stopped by a signal."""

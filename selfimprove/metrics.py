@@ -110,17 +110,22 @@ def repetition(texts: Sequence[str], n: int = 4) -> float:
     return sum(reps) / len(reps) if reps else 0.0
 
 
-def summarize_round(rows: list[dict], selected: list[int], scorer_names: list[str]) -> dict:
+def summarize_round(rows: list[dict], examples: list[dict], scorer_names: list[str]) -> dict:
     """One round's sample / selection / verifier-quality metrics.
 
     ``sample/pass_at_k`` uses k = every sample of the prompt (any correct), ``sample/maj_at_k``
-    votes over all of them. ``auroc/<name>`` pools every row carrying ``score/<name>`` and
-    asks how well that self-score separates correct from wrong samples (None: one class).
+    votes over all of them. Diversity: ``sample/distinct_answers`` per prompt and the mean token
+    ``sample/entropy``; ``sample/kl_to_base`` is the k1 estimate mean(sum(logprobs - ref_logprobs))
+    when a scorer computed the base's log-probs (unbiased for samples drawn at temperature 1).
+    ``score/<name>`` is each score's mean (the curation reward's rise), ``auroc/<name>`` pools every
+    row carrying it and asks how well it separates correct from wrong samples (None: one class).
     """
     by_prompt: dict[str, list[dict]] = defaultdict(list)
     for row in rows:
         by_prompt[row["prompt_id"]].append(row)
     n_correct = {p: sum(bool(r["correct"]) for r in g) for p, g in by_prompt.items()}
+    policy = [e for e in examples if e.get("source", "policy") == "policy"]
+    tokens = [x for r in rows for x in r.get("entropy", [])]
     out: dict = {
         "sample/n": len(rows),
         "sample/n_prompts": len(by_prompt),
@@ -129,11 +134,19 @@ def summarize_round(rows: list[dict], selected: list[int], scorer_names: list[st
         "sample/maj_at_k": maj_at_k(
             {p: [(r["answer"], r["correct"]) for r in g] for p, g in by_prompt.items()}
         ),
-        "select/n": len(selected),
-        "select/accuracy": accuracy([rows[i]["correct"] for i in selected]) if selected else None,
+        "sample/distinct_answers": sum(len(votes([r["answer"] for r in g])) for g in by_prompt.values())
+        / max(len(by_prompt), 1),
+        "sample/entropy": sum(tokens) / len(tokens) if tokens else None,
+        "select/n": len(examples),
+        "select/n_real": len(examples) - len(policy),
+        "select/accuracy": accuracy([e["correct"] for e in policy]) if policy else None,
     }
+    if rows and all("ref_logprobs" in r for r in rows):
+        out["sample/kl_to_base"] = sum(sum(r["logprobs"]) - sum(r["ref_logprobs"]) for r in rows) / len(rows)
     for name in scorer_names:
         scored = [r for r in rows if f"score/{name}" in r]
+        finite = [r[f"score/{name}"] for r in scored if math.isfinite(r[f"score/{name}"])]
+        out[f"score/{name}"] = sum(finite) / len(finite) if finite else None
         out[f"auroc/{name}"] = auroc([r[f"score/{name}"] for r in scored], [r["correct"] for r in scored])
     return out
 
@@ -152,3 +165,100 @@ def eval_summary(greedy: list[dict], sampled: list[dict], k: int) -> dict[str, f
         out["k"] = k
         out["sample_accuracy"] = accuracy([r["correct"] for r in sampled])
     return out
+
+
+# --- verifier report: how well a score picks among one prompt's samples ------------------------------
+
+
+def _mann_whitney(pos: Sequence[float], neg: Sequence[float]) -> float:
+    """U: pairs (positive, negative) where the positive scores higher, ties counting 1/2."""
+    from bisect import bisect_left, bisect_right
+
+    ranked = sorted(neg)
+    return sum(bisect_left(ranked, p) + 0.5 * (bisect_right(ranked, p) - bisect_left(ranked, p)) for p in pos)
+
+
+def auroc_within(
+    scores: Sequence[float], labels: Sequence[bool], groups: Sequence[Hashable]
+) -> tuple[float | None, int]:
+    """AUROC over (correct, wrong) pairs of the same group (prompt) only, and how many groups had both.
+
+    What matters for picking one of N answers: a score that only tells easy prompts from hard ones has
+    a high pooled AUROC but ranks a prompt's own samples no better than chance. It is the sum over
+    groups of Mann-Whitney U over the sum of n_pos * n_neg (ties 1/2), i.e. every within-group pair
+    weighs the same. Rows with a nan score are dropped; None when no group has both classes.
+    """
+    by_group: dict[Hashable, tuple[list[float], list[float]]] = defaultdict(lambda: ([], []))
+    for s, y, g in zip(scores, labels, groups):
+        s = float(s)
+        if not math.isnan(s):
+            by_group[g][0 if y else 1].append(s)
+    u = pairs = 0.0
+    both = 0
+    for pos, neg in by_group.values():
+        if pos and neg:
+            both += 1
+            u += _mann_whitney(pos, neg)
+            pairs += len(pos) * len(neg)
+    return (u / pairs if pairs else None), both
+
+
+def rank_order(scores: Sequence[float]) -> list[int]:
+    """Indices from best to worst score, ties to the lower index; nan ranks last (never picked)."""
+    key = [-math.inf if math.isnan(float(s)) else float(s) for s in scores]
+    return sorted(range(len(key)), key=lambda i: (-key[i], i))
+
+
+def best_of_k(scores: Sequence[float], correct: Sequence[bool], k: int) -> float:
+    """Expected correctness of the top-scored sample of a uniformly random k-subset of one prompt's N
+    samples (given in sample_idx order), exactly: the sample ranked j-th overall (0-based, ties to the
+    lower index) is the best of the subset iff it is in it and no better-ranked one is, which has
+    probability C(N-1-j, k-1) / C(N, k). k = 1 gives the mean accuracy, k = N the argmax's correctness.
+    """
+    n = len(scores)
+    if len(correct) != n or not 1 <= k <= n:
+        raise ValueError(f"need len(correct) == len(scores) = N and 1 <= k <= N, got N={n} k={k}")
+    total = math.comb(n, k)
+    return sum(
+        math.comb(n - 1 - j, k - 1) / total for j, i in enumerate(rank_order(scores)) if bool(correct[i])
+    )
+
+
+def majority_of_k(
+    pairs: Sequence[tuple[Hashable | None, bool]], k: int, draws: int = 64, seed: int = 0
+) -> float:
+    """maj@k for one prompt: mean correctness of the majority answer of k of its samples (in
+    sample_idx order; ties to the first seen, as `majority_answer`). Exact over every k-subset when
+    there are at most `draws` of them, else the mean over `draws` subsets drawn with random.Random(seed)
+    (the same subsets on every run)."""
+    import itertools
+    import random
+
+    n = len(pairs)
+    if not 1 <= k <= n:
+        raise ValueError(f"need 1 <= k <= N, got N={n} k={k}")
+    if math.comb(n, k) <= draws:
+        subsets = list(itertools.combinations(range(n), k))
+    else:
+        rng = random.Random(seed)
+        subsets = [tuple(sorted(rng.sample(range(n), k))) for _ in range(draws)]
+    return sum(_majority([pairs[i] for i in s])[1] for s in subsets) / len(subsets)
+
+
+def reliability_bins(probs: Sequence[float], labels: Sequence[bool], bins: int = 10) -> list[dict]:
+    """The reliability diagram behind `ece`, with its bins: for each equal-width bin of [0, 1] its
+    edges, how many probabilities fell in it, their mean and the fraction correct (None when empty).
+    ece = sum over bins of count / total * |accuracy - confidence|."""
+    members: list[list[tuple[float, bool]]] = [[] for _ in range(bins)]
+    for p, y in zip(probs, labels):
+        members[min(max(int(float(p) * bins), 0), bins - 1)].append((float(p), bool(y)))
+    return [
+        {
+            "lo": b / bins,
+            "hi": (b + 1) / bins,
+            "count": len(m),
+            "confidence": sum(p for p, _ in m) / len(m) if m else None,
+            "accuracy": sum(y for _, y in m) / len(m) if m else None,
+        }
+        for b, m in enumerate(members)
+    ]

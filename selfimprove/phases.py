@@ -15,6 +15,7 @@ from selfimprove import distributed as dist
 from selfimprove import faults
 from selfimprove.checkpoint import read_table, write_table
 from selfimprove.logging import progress
+from selfimprove.stages import Context, order_stages
 
 Timer = dict[str, float]
 
@@ -78,6 +79,8 @@ def sample_units(
                     {
                         "prompt_id": problem.id,
                         "sample_idx": j % n,
+                        "messages": problem.messages,
+                        "prefill": problem.prefill,
                         "prompt_ids": prompt_ids,
                         "target": problem.answer,
                         "answer": task.extract_answer(out["completion"]),
@@ -102,29 +105,19 @@ def verify_units(
     n_units: int,
     *,
     scorers: list,
-    engine,
-    batch_size: int,
-    timer: Timer,
+    context_of_unit: Callable[[int], Context],
     should_stop: Callable[[], bool],
     fault: str = "",
 ) -> list[dict] | None:
-    """Scores each unit (all samples of a prompt share a unit, so per-prompt scorers see whole groups).
-    Returns all scored rows, or None if stopped."""
-    needs_base = any(getattr(s, "needs_base_logprobs", False) for s in scorers)
+    """Runs the scorers (stages, in `order_stages` order) on each unit: all samples of a prompt share
+    a unit, so per-prompt scorers see whole groups. Returns all scored rows, or None if stopped."""
+    scorers = order_stages(scorers)
     for u in _my_waves(n_units):
         if u is not None and not _shard(dst, u).exists():
             rows = read_table(_shard(src, u))
-            if needs_base:
-                t = time.perf_counter()
-                lps = engine.logprobs(
-                    [r["prompt_ids"] for r in rows], [r["completion_ids"] for r in rows], "base", batch_size
-                )
-                timer["forward"] = timer.get("forward", 0.0) + time.perf_counter() - t
-                for r, lp in zip(rows, lps):
-                    r["base_logprobs"] = lp
+            ctx = context_of_unit(u)
             for scorer in scorers:
-                for r, s in zip(rows, scorer(rows)):
-                    r[f"score/{scorer.name}"] = float(s)
+                rows = scorer(rows, ctx)
             write_table(_shard(dst, u), rows)
             faults.point(f"{fault}:u{u}")
         if should_stop():

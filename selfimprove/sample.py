@@ -5,6 +5,9 @@ sample, with everything the loop's rows hold: the prompt, the completion and its
 log-probs, self-certainty and entropy, the answer, the reward, and a `score/<name>` column for every
 configured verifier. The weights are a run's newest checkpoint (its saved config, plus overrides) or
 a bare model (`model=...`, composed like `train`). `out` ends in .parquet or .jsonl.
+
+`open_session` and `Session.draw` are shared with `selfimprove verify-report`, which samples the same way
+(the same seeds: the same samples) and then scores with each verifier config in turn.
 """
 
 from __future__ import annotations
@@ -14,13 +17,38 @@ import json
 import math
 import os
 import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from omegaconf import DictConfig
 
 from selfimprove.compose import CommandError, load_config, one_line_errors, pop_option, restore, split_args
+
+if TYPE_CHECKING:
+    from selfimprove.stages import Context
 
 FORMATS = (".parquet", ".jsonl")
 # Read first in a table: what was asked and what came back; the rest follows in the loop's order.
 FIRST = ["prompt_id", "sample_idx", "split", "prompt", "completion", "answer", "target", "reward", "correct"]
+
+
+def session_options(overrides: list[str], prompts: str = "16") -> dict:
+    """prompts=, split= and weights=, taken out of the config overrides and checked (shared with
+    `verify-report`)."""
+    from selfimprove.config import ConfigError
+
+    prompts = pop_option(overrides, "prompts", prompts)
+    split = pop_option(overrides, "split", "eval")
+    weights = pop_option(overrides, "weights", "raw")
+    if not prompts.isdigit() or int(prompts) < 1:
+        raise ConfigError(f"prompts: {prompts!r} is not a positive number of problems")
+    if split not in ("eval", "train"):
+        raise ConfigError(f"split: {split!r} is not eval|train")
+    if weights not in ("raw", "ema"):
+        raise ConfigError(f"weights: {weights!r} is not raw|ema")
+    return dict(n_prompts=int(prompts), split=split, weights=weights)
 
 
 def _options(overrides: list[str]) -> dict:
@@ -28,30 +56,94 @@ def _options(overrides: list[str]) -> dict:
     from selfimprove.config import ConfigError
 
     out = pop_option(overrides, "out")
-    prompts = pop_option(overrides, "prompts", "16")
-    split = pop_option(overrides, "split", "eval")
-    weights = pop_option(overrides, "weights", "raw")
     if not out:
         raise ConfigError("out: missing value (set it: out=samples.parquet or out=samples.jsonl)")
     if Path(out).suffix not in FORMATS:
         raise ConfigError(f"out: {out} must end in .parquet or .jsonl")
-    if not prompts.isdigit() or int(prompts) < 1:
-        raise ConfigError(f"prompts: {prompts!r} is not a positive number of problems")
-    if split not in ("eval", "train"):
-        raise ConfigError(f"split: {split!r} is not eval|train")
-    if weights not in ("raw", "ema"):
-        raise ConfigError(f"weights: {weights!r} is not raw|ema")
-    return dict(out=Path(out), n_prompts=int(prompts), split=split, weights=weights)
+    return dict(out=Path(out), **session_options(overrides))
 
 
-def sample(
-    run_dir: Path | None, overrides: list[str], *, n_prompts: int, split: str, weights: str
-) -> list[dict]:
-    """Sampled and scored rows for the first n_prompts held-out (split=eval) or training problems."""
+@dataclass
+class Session:
+    """A config, its task's problems and an engine holding the weights to sample: what `sample` and
+    `verify-report` share, so both draw the same samples from the same seeds."""
+
+    cfg: DictConfig
+    task: Any
+    problems: list
+    scorers: list
+    engine: Any
+    split: str
+    seed: int
+
+    @property
+    def n_units(self) -> int:
+        from selfimprove import phases
+
+        return phases.n_units(len(self.problems), self.cfg.sampler.n, self.cfg.sampler.batch_size)
+
+    def unit_sizes(self) -> list[int]:
+        """Rows in each unit, in order (all samples of a prompt share a unit): the split of
+        `phases.sample_units`, so a scorer run per unit sees what `verify_units` would give it."""
+        from selfimprove import phases
+
+        n, batch_size = self.cfg.sampler.n, self.cfg.sampler.batch_size
+        return [len(r) * n for r in phases._units(len(self.problems), n, batch_size)]
+
+    def draw(self, folder: Path) -> list[dict]:
+        """`sampler.n` completions per problem, unit by unit into `folder` (the loop's own code)."""
+        from selfimprove import distributed as dist
+        from selfimprove import phases
+
+        cfg = self.cfg
+        return phases.sample_units(
+            folder,
+            self.problems,
+            engine=self.engine,
+            task=self.task,
+            n=cfg.sampler.n,
+            batch_size=cfg.sampler.batch_size,
+            gen=dict(
+                max_new_tokens=cfg.sampler.max_new_tokens,
+                temperature=cfg.sampler.temperature,
+                top_p=cfg.sampler.top_p,
+            ),
+            seed_of_unit=lambda u: dist.derive_seed(self.seed, u),
+            timer={},
+            should_stop=lambda: False,
+            desc="sample",
+        )
+
+    def context(self, unit: int) -> Context:
+        """The scorers' context for one unit, seeded from the session's seed."""
+        from selfimprove import distributed as dist
+        from selfimprove.stages import Context
+
+        return Context(
+            self.engine, self.task, dist.derive_seed(self.seed, "verify", unit), self.cfg.sampler.batch_size
+        )
+
+    def finish(self, rows: list[dict]) -> list[dict]:
+        """The prompt as the model saw it (template and prefill) and the split added; FIRST first."""
+        for row in rows:
+            row.update(split=self.split, prompt=self.engine.tokenizer.decode(row["prompt_ids"]))
+        return [{**{k: r[k] for k in FIRST}, **r} for r in rows]
+
+
+def open_session(
+    run_dir: Path | None,
+    overrides: list[str],
+    *,
+    n_prompts: int,
+    split: str,
+    weights: str,
+    scorers: Callable[[DictConfig, Any], list] | None = None,
+) -> Session:
+    """Config, problems and scorers (`scorers(cfg, task)`, by default the config's verifiers) are
+    checked before the model loads; then the engine, with a run's newest checkpoint restored."""
     from hydra.utils import instantiate
 
     from selfimprove import distributed as dist
-    from selfimprove import phases
     from selfimprove.config import ConfigError
     from selfimprove.engine import Engine
 
@@ -69,45 +161,33 @@ def sample(
         )
     except ValueError as e:
         raise ConfigError(f"prompts={n_prompts}: {e}") from None
-    scorers = [instantiate(v) for v in cfg.verifiers.values()]
-    engine = Engine(
-        cfg, train=False, reference=any(getattr(s, "needs_base_logprobs", False) for s in scorers)
-    )
+    stages = scorers(cfg, task) if scorers is not None else [instantiate(v) for v in cfg.verifiers.values()]
+    engine = Engine(cfg, train=False, reference=any(s.needs_reference for s in stages))
     if run_dir is not None:
         restore(engine, run_dir, weights, flag="weights=ema")
+    seed = dist.derive_seed(cfg.seed, "sample-command", split)
+    return Session(cfg, task, problems, stages, engine, split, seed)
 
-    n, batch_size = cfg.sampler.n, cfg.sampler.batch_size
-    common = dict(engine=engine, batch_size=batch_size, timer={}, should_stop=lambda: False)
+
+def sample(
+    run_dir: Path | None, overrides: list[str], *, n_prompts: int, split: str, weights: str
+) -> list[dict]:
+    """Sampled and scored rows for the first n_prompts held-out (split=eval) or training problems."""
+    from selfimprove import phases
+
+    session = open_session(run_dir, overrides, n_prompts=n_prompts, split=split, weights=weights)
     # Units in a throwaway folder (one process): the loop's own sample and verify code; seeds from `seed`.
-    with tempfile.TemporaryDirectory(prefix="selfimprove-sample-") as tmp, engine.weights(weights):
-        phases.sample_units(
-            Path(tmp) / "samples",
-            problems,
-            task=task,
-            n=n,
-            gen=dict(
-                max_new_tokens=cfg.sampler.max_new_tokens,
-                temperature=cfg.sampler.temperature,
-                top_p=cfg.sampler.top_p,
-            ),
-            seed_of_unit=lambda u: dist.derive_seed(cfg.seed, "sample-command", split, u),
-            desc="sample",
-            **common,
-        )
-        units = phases.n_units(len(problems), n, batch_size)
+    with tempfile.TemporaryDirectory(prefix="selfimprove-sample-") as tmp, session.engine.weights(weights):
+        session.draw(Path(tmp) / "samples")
         rows = phases.verify_units(
-            Path(tmp) / "samples", Path(tmp) / "scored", units, scorers=scorers, **common
+            Path(tmp) / "samples",
+            Path(tmp) / "scored",
+            session.n_units,
+            scorers=session.scorers,
+            context_of_unit=session.context,
+            should_stop=lambda: False,
         )
-    by_id = {p.id: p for p in problems}
-    for row in rows:
-        problem = by_id[row["prompt_id"]]
-        row.update(
-            split=split,
-            prompt=engine.tokenizer.decode(row["prompt_ids"]),  # as the model saw it: template and prefill
-            messages=problem.messages,
-            prefill=problem.prefill,
-        )
-    return [{**{k: r[k] for k in FIRST}, **r} for r in rows]
+    return session.finish(rows)
 
 
 def _finite(value):

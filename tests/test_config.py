@@ -57,8 +57,31 @@ def test_wrong_type_in_target_group():
 
 def test_selector_score_must_come_from_a_verifier():
     cfg = cfg_of("recipe=sharpen_sft", "selector.score=p_true")
-    with pytest.raises(ConfigError, match="not produced by any verifier"):
+    with pytest.raises(
+        ConfigError, match=r"selector 'best_of_n' reads \['score/p_true'\], which no verifier"
+    ):
         validate_targets(cfg)
+
+
+def test_a_stage_reading_an_unwritten_score_fails_naming_both_before_any_model_loads(tmp_path):
+    """Through the command line: one line naming the selector, the score and what the verifiers write."""
+    from conftest import run_cli
+
+    proc = run_cli(
+        [
+            "train",
+            "model=tiny",
+            "recipe=sharpen_sft",
+            "selector=borda",
+            "selector.score=ptrue",
+            f"run.dir={tmp_path / 'run'}",
+        ],
+        check=False,
+    )
+    assert proc.returncode != 0
+    line = proc.stderr.strip().splitlines()[-1]
+    assert "selector 'borda' reads ['score/ptrue']" in line and "score/loglik_base" in line, line
+    assert not (tmp_path / "run" / "config.yaml").exists()  # the run never started
 
 
 def test_resume_diff_ignores_safe_changes():

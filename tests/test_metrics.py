@@ -76,7 +76,7 @@ def test_summarize_round():
         {"prompt_id": "p", "answer": "1", "correct": True, "score/sc": 0.5},
         {"prompt_id": "q", "answer": "3", "correct": False, "score/sc": 0.4},
     ]
-    out = summarize_round(rows, [0, 3], ["sc"])
+    out = summarize_round(rows, [rows[0], rows[3]], ["sc"])
     assert out["sample/accuracy"] == 0.5
     assert out["sample/pass_at_k"] == 0.5
     assert out["sample/maj_at_k"] == 0.5

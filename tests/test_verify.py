@@ -3,12 +3,12 @@ import math
 import pytest
 import torch
 
+from selfimprove.select import borda_vote
 from selfimprove.verify import (
     GroundTruth,
     MajorityAgreement,
     SelfCertainty,
     SequenceLogLik,
-    borda_vote,
     response_logits,
     token_stats,
 )
@@ -69,8 +69,8 @@ def test_response_logits_matches_stepwise_generation():
 
 def test_self_certainty_scorer():
     rows = [{"self_certainty": [0.2, 0.4]}, {"self_certainty": []}]
-    assert SelfCertainty()(rows) == pytest.approx([0.3, 0.0])
-    assert SelfCertainty.name == "self_certainty" and not SelfCertainty.needs_base_logprobs
+    assert SelfCertainty().score(rows) == pytest.approx([0.3, 0.0])
+    assert SelfCertainty.name == "self_certainty" and not SelfCertainty.needs_reference
 
 
 @pytest.mark.parametrize(("power", "winner"), [(0.0, 1), (0.5, 1), (1.2, 0)])
@@ -93,20 +93,20 @@ def test_borda_none_and_ties():
 
 def test_sequence_loglik():
     rows = [
-        {"logprobs": [-1.0, -1.0], "base_logprobs": [-0.5, -1.5, -1.0]},
-        {"logprobs": [], "base_logprobs": []},
+        {"logprobs": [-1.0, -1.0], "ref_logprobs": [-0.5, -1.5, -1.0]},
+        {"logprobs": [], "ref_logprobs": []},
     ]
     base = SequenceLogLik()
-    assert base.name == "loglik_base" and base.needs_base_logprobs
-    assert base(rows) == [-3.0, -math.inf]
+    assert base.name == "loglik_base" and base.needs_reference
+    assert base.score(rows) == [-3.0, -math.inf]
     mean = SequenceLogLik(normalize=True)
     assert mean.name == "loglik_base_mean"
-    assert mean(rows)[0] == pytest.approx(-1.0)
+    assert mean.score(rows)[0] == pytest.approx(-1.0)
     pol = SequenceLogLik(source="policy", normalize=True)
-    assert pol.name == "loglik_policy_mean" and not pol.needs_base_logprobs
-    assert pol(rows)[0] == pytest.approx(-1.0)
+    assert pol.name == "loglik_policy_mean" and not pol.needs_reference
+    assert pol.score(rows)[0] == pytest.approx(-1.0)
     with pytest.raises(KeyError):
-        SequenceLogLik()([{"logprobs": [-1.0]}])
+        SequenceLogLik().score([{"logprobs": [-1.0]}])
     with pytest.raises(ValueError):
         SequenceLogLik(source="ref")
 
@@ -119,9 +119,9 @@ def test_majority_agreement():
         {"prompt_id": "p", "answer": None},
         {"prompt_id": "q", "answer": "1"},
     ]
-    assert MajorityAgreement()(rows) == pytest.approx([0.5, 0.5, 0.25, 0.0, 1.0])
+    assert MajorityAgreement().score(rows) == pytest.approx([0.5, 0.5, 0.25, 0.0, 1.0])
 
 
 def test_ground_truth():
-    assert GroundTruth()([{"correct": True}, {"correct": False}]) == [1.0, 0.0]
+    assert GroundTruth().score([{"correct": True}, {"correct": False}]) == [1.0, 0.0]
     assert GroundTruth.name == "correct"

@@ -4,6 +4,7 @@ self-certainty and entropy captured from the logits generate already computed (n
 from __future__ import annotations
 
 import contextlib
+import copy
 from collections.abc import Iterator
 
 import torch
@@ -190,3 +191,49 @@ def sequence_logprobs(model, prompt_ids: list[list[int]], completion_ids: list[l
     targets = input_ids[:, input_ids.shape[1] - keep + 1 :].to(logp.device)
     token_lp = logp.gather(2, targets[..., None])[..., 0].cpu()
     return [token_lp[i, keep - 1 - len(c) :].tolist() for i, c in enumerate(completion_ids)]
+
+
+@torch.no_grad()
+def next_token_logprobs(
+    model, prefix: list[int], suffixes: list[list[int]], candidates: list[int], pad: int, batch_size: int = 64
+) -> list[list[float]]:
+    """log p(candidate | prefix + suffix) for each suffix and candidate token.
+
+    The prefix is run once and its key/value cache repeated across each batch of suffixes (P(True)
+    judges the N answers of one question behind one long shared prompt). Suffixes are right-padded:
+    padding after a sequence's last token cannot change what that token sees.
+    """
+    device = next(model.parameters()).device
+    out: list[list[float]] = []
+    if not prefix:
+        raise ValueError("next_token_logprobs needs a non-empty prefix (an empty suffix is fine)")
+    limit = getattr(model.config, "max_position_embeddings", None)
+    if limit and len(prefix) + max((len(x) for x in suffixes), default=0) > limit:
+        raise ValueError(f"prefix + suffix exceeds the model's context of {limit} tokens")
+    # only the last position's logits: a long few-shot prefix would otherwise hold length × vocab floats
+    shared = model(input_ids=torch.tensor([prefix], device=device), use_cache=True, logits_to_keep=1)
+    after_prefix = torch.log_softmax(shared.logits[0, -1].float(), dim=-1)[candidates].cpu()
+    for s in range(0, len(suffixes), batch_size):
+        chunk = suffixes[s : s + batch_size]
+        lengths = torch.tensor([len(x) for x in chunk])
+        if int(lengths.max()) == 0:
+            out += [after_prefix.tolist() for _ in chunk]
+            continue
+        ids = torch.full((len(chunk), int(lengths.max())), pad, dtype=torch.long)
+        for i, x in enumerate(chunk):
+            ids[i, : len(x)] = torch.tensor(x, dtype=torch.long)
+        suffix_mask = (torch.arange(ids.shape[1])[None] < lengths[:, None]).long()
+        attention = torch.cat([torch.ones(len(chunk), len(prefix), dtype=torch.long), suffix_mask], dim=1)
+        positions = len(prefix) + torch.arange(ids.shape[1])[None].expand(len(chunk), -1)
+        cache = copy.deepcopy(shared.past_key_values)
+        cache.batch_repeat_interleave(len(chunk))
+        logits = model(
+            input_ids=ids.to(device),
+            attention_mask=attention.to(device),
+            position_ids=positions.to(device),
+            past_key_values=cache,
+        ).logits
+        last = logits[torch.arange(len(chunk)), (lengths - 1).clamp(min=0).to(logits.device)]
+        logp = torch.log_softmax(last.float(), dim=-1)[:, candidates].cpu()
+        out += [after_prefix.tolist() if n == 0 else row.tolist() for n, row in zip(lengths.tolist(), logp)]
+    return out

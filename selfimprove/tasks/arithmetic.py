@@ -219,11 +219,14 @@ class ArithmeticTask(Task):
         raise RuntimeError(f"could not draw a finite expression for level {self.level!r}")
 
     def _problem(self, problem_id: str, expr: str) -> Problem:
+        answer = canonical_number(evaluate_expression(expr))
         return Problem(
             id=problem_id,
             messages=[{"role": "user", "content": self.template.replace("{expr}", expr)}],
             prefill=f"{expr} = " if self.prefill else "",
-            answer=canonical_number(evaluate_expression(expr)),
+            answer=answer,
+            # after the prefill "a + b = " the answer is the whole reply; without it, the equation
+            reference=answer if self.prefill else f"{expr} = {answer}",
         )
 
     def train_problem(self, index: int) -> Problem:
@@ -260,6 +263,9 @@ class ArithmeticTask(Task):
             source = f"level {self.level!r} (distinct held-out problems found in {max_draws} draws)"
             check_eval_count(n, len(chosen), source)
         return [self._problem(f"eval-{i}", expr) for i, expr in enumerate(chosen)]
+
+    def has_references(self) -> bool:
+        return True
 
     def extract_answer(self, completion: str) -> str | None:
         """First number (or a/b fraction) in the completion. Without a prefill the model may

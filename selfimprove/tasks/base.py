@@ -28,6 +28,7 @@ class Problem:
     messages: list[dict[str, str]]  # chat messages, e.g. [{"role": "user", "content": ...}]
     prefill: str  # text the assistant turn starts with; "" for none
     answer: str  # ground-truth answer as a canonical string
+    reference: str | None = None  # a reference completion (real data for curation); None: none
 
 
 class Task(ABC):
@@ -48,6 +49,16 @@ class Task(ABC):
     @abstractmethod
     def reward(self, completion: str, problem: Problem) -> float:
         """Reward in [0, 1]; 1.0 means correct."""
+
+    def has_references(self) -> bool:
+        """Whether every problem carries a reference completion (real data to mix in)."""
+        return False
+
+    def reference_completion(self, problem: Problem) -> str:
+        """The text a correct assistant turn continues the prefill with; ValueError if none."""
+        if problem.reference is None:
+            raise ValueError(f"problem {problem.id} has no reference completion")
+        return problem.reference
 
     def is_correct(self, completion: str, problem: Problem) -> bool:
         """True when the reward reaches 1 (up to float tolerance)."""

@@ -145,14 +145,20 @@ class HFDatasetTask(RowsTask):
         seed: int = 0,
         answer_pattern: str = DEFAULT_ANSWER_PATTERN,
         answer_match: str = "first",
+        reference_field: str | None = None,
         cache_dir: str | None = None,
     ) -> None:
         super().__init__(
-            str(path), system=system, seed=seed, answer_pattern=answer_pattern, answer_match=answer_match
+            str(path),
+            system=system,
+            seed=seed,
+            answer_pattern=answer_pattern,
+            answer_match=answer_match,
+            reference_field=reference_field,
         )
         self.path = self.source
         self.heldout_fraction = check_heldout_fraction(heldout_fraction)
-        self.fields = (prompt_field, messages_field, answer_field, prefill_field)
+        self.fields = (prompt_field, messages_field, answer_field, prefill_field, reference_field)
         splits = load_splits(self.path, cache_dir)
         if eval_split is None and split != "test" and "test" in splits:
             eval_split = "test"
@@ -172,11 +178,11 @@ class HFDatasetTask(RowsTask):
             self._set_rows(train, heldout, f"distinct prompts of its {eval_split!r} split")
 
     def _rows(self, dataset: Dataset, split: str) -> list[Row]:
-        prompt_field, messages_field, answer_field, prefill_field = self.fields
+        prompt_field, messages_field, answer_field, prefill_field, reference_field = self.fields
         where = f"{self.path}:{split}"
         use_messages = messages_field is not None and messages_field in dataset.column_names
         needed = [messages_field if use_messages else prompt_field, answer_field]
-        needed += [prefill_field] if prefill_field else []
+        needed += [f for f in (prefill_field, reference_field) if f]
         for name in needed:
             if name not in dataset.column_names:
                 raise ValueError(f"{where}: missing field {name!r} (columns: {dataset.column_names})")
@@ -197,5 +203,6 @@ class HFDatasetTask(RowsTask):
                 messages = [{"role": "user", "content": field_text(record, prompt_field, location)}]
             answer = field_text(record, answer_field, location).strip()
             prefill = field_text(record, prefill_field, location) if prefill_field else ""
-            rows.append(Row(messages[-1]["content"], messages, prefill, answer))
+            reference = field_text(record, reference_field, location) if reference_field else None
+            rows.append(Row(messages[-1]["content"], messages, prefill, answer, reference))
         return rows

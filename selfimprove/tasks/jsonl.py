@@ -79,9 +79,15 @@ class JsonlTask(RowsTask):
         seed: int = 0,
         answer_pattern: str = DEFAULT_ANSWER_PATTERN,
         answer_match: str = "first",
+        reference_field: str | None = None,
     ) -> None:
         super().__init__(
-            str(path), system=system, seed=seed, answer_pattern=answer_pattern, answer_match=answer_match
+            str(path),
+            system=system,
+            seed=seed,
+            answer_pattern=answer_pattern,
+            answer_match=answer_match,
+            reference_field=reference_field,
         )
         self.path = self.source
         self.heldout_fraction = check_heldout_fraction(heldout_fraction)
@@ -92,7 +98,8 @@ class JsonlTask(RowsTask):
             prompt = field_text(record, prompt_field, location)
             answer = field_text(record, answer_field, location).strip()
             prefill = field_text(record, prefill_field, location) if prefill_field else ""
-            rows.append(Row(prompt, [{"role": "user", "content": prompt}], prefill, answer))
+            reference = field_text(record, reference_field, location) if reference_field else None
+            rows.append(Row(prompt, [{"role": "user", "content": prompt}], prefill, answer, reference))
         if not rows:
             raise ValueError(f"{self.path}: no rows (the file is empty)")
         train, heldout = hash_split(rows, self.heldout_fraction)

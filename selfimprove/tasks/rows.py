@@ -26,6 +26,7 @@ class Row(NamedTuple):
     messages: list[dict[str, str]]  # ends with the user turn that asks the question
     prefill: str
     answer: str
+    reference: str | None = None  # a reference completion, from the task's reference_field
 
 
 def field_text(row: dict[str, Any], name: str, where: str) -> str:
@@ -111,6 +112,7 @@ class RowsTask(Task):
     Each pass over the training rows is a fresh seeded shuffle. ``answer_match`` picks the
     ``"first"`` or ``"last"`` regex match in a completion; "last" suits chain-of-thought outputs
     that end with the answer. If ``answer_pattern`` has a capture group, group 1 is the answer.
+    ``reference_field`` names the field holding a reference completion (real data for curation).
     ``system``, when given, is prepended to rows that do not start with a system message.
     """
 
@@ -122,6 +124,7 @@ class RowsTask(Task):
         seed: int,
         answer_pattern: str,
         answer_match: str,
+        reference_field: str | None = None,
     ) -> None:
         if answer_match not in ("first", "last"):
             raise ValueError(f"answer_match must be 'first' or 'last', got {answer_match!r}")
@@ -130,6 +133,7 @@ class RowsTask(Task):
         self.seed = seed
         self.answer_regex = re.compile(answer_pattern)
         self.answer_match = answer_match
+        self.reference_field = reference_field
         self._train: list[Row] = []
         self._heldout: list[Row] = []
         self._heldout_origin = ""
@@ -153,7 +157,12 @@ class RowsTask(Task):
         messages = [dict(m) for m in row.messages]  # copies: callers may edit a Problem's list
         if self.system and messages[0]["role"] != "system":
             messages.insert(0, {"role": "system", "content": self.system})
-        return Problem(id=problem_id, messages=messages, prefill=row.prefill, answer=row.answer)
+        return Problem(
+            id=problem_id, messages=messages, prefill=row.prefill, answer=row.answer, reference=row.reference
+        )
+
+    def has_references(self) -> bool:
+        return self.reference_field is not None
 
     def _permutation(self, epoch: int) -> list[int]:
         # A fresh seeded shuffle per pass over the data; cache a few epochs only.

@@ -1,21 +1,21 @@
-"""Verifiers: turn sampled rows into one float score per row."""
+"""Verifiers: scorers, stages that add one `score/<name>` column to the round's rows."""
 
+from selfimprove.verify.combined import Combined
 from selfimprove.verify.ground_truth import GroundTruth
 from selfimprove.verify.loglik import SequenceLogLik
 from selfimprove.verify.majority import MajorityAgreement
-from selfimprove.verify.self_certainty import (
-    SelfCertainty,
-    borda_vote,
-    response_logits,
-    token_stats,
-)
+from selfimprove.verify.ptrue import PTrue
+from selfimprove.verify.reward_model import RewardModel
+from selfimprove.verify.self_certainty import SelfCertainty, response_logits, token_stats
 
 __all__ = [
+    "Combined",
     "GroundTruth",
     "MajorityAgreement",
+    "PTrue",
+    "RewardModel",
     "SelfCertainty",
     "SequenceLogLik",
-    "borda_vote",
     "response_logits",
     "token_stats",
 ]

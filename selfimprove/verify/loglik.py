@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+from selfimprove.stages import Context, Scorer
 
-class SequenceLogLik:
+
+class SequenceLogLik(Scorer):
     """Scorer: sum (or per-token mean) of the completion's token log-probs.
 
-    ``source="base"`` reads ``row["base_logprobs"]`` -- the frozen base model, which is what
-    the sharpening paper scores with -- and sets ``needs_base_logprobs`` so the loop runs
-    the base forward pass. ``source="policy"`` reads ``row["logprobs"]`` from sampling.
+    ``source="base"`` scores under the frozen base model (the adapter switched off) -- what the
+    sharpening paper scores with. Its per-token log-probs are kept as the ``ref_logprobs`` column,
+    computed once per row whichever scorers read them (the KL to the base is logged from it).
+    ``source="policy"`` reads ``row["logprobs"]`` recorded while sampling (no forward pass).
     The sum favours short answers; ``normalize=True`` gives the length-normalised variant.
     A row with no tokens scores -inf: there is nothing to score and it must never win BoN
     (a sum over zero tokens would otherwise be 0, the best possible log-prob).
@@ -19,19 +22,32 @@ class SequenceLogLik:
             raise ValueError(f"source must be 'base' or 'policy', got {source!r}")
         self.source = source
         self.normalize = normalize
-        self.needs_base_logprobs: bool = source == "base"
+        self.needs_reference = source == "base"
+        self.reads = ("prompt_ids", "completion_ids") if source == "base" else ("logprobs",)
+        self.key = "ref_logprobs" if source == "base" else "logprobs"
 
     @property
-    def name(self) -> str:
+    def name(self) -> str:  # type: ignore[override]
         return f"loglik_{self.source}" + ("_mean" if self.normalize else "")
 
-    def __call__(self, rows: list[dict]) -> list[float]:
-        key = "base_logprobs" if self.source == "base" else "logprobs"
+    @property
+    def writes(self) -> tuple[str, ...]:  # type: ignore[override]
+        return (self.column, "ref_logprobs") if self.source == "base" else (self.column,)
+
+    def __call__(self, rows: list[dict], ctx: Context) -> list[dict]:
+        todo = [r for r in rows if self.key not in r]
+        if todo and self.source == "base":
+            lps = ctx.logprobs([r["prompt_ids"] for r in todo], [r["completion_ids"] for r in todo], "base")
+            done = {id(r): lp for r, lp in zip(todo, lps)}
+            rows = [{**r, "ref_logprobs": done[id(r)]} if id(r) in done else r for r in rows]
+        return super().__call__(rows, ctx)
+
+    def score(self, rows: list[dict], ctx: Context | None = None) -> list[float]:
         out = []
         for row in rows:
-            if key not in row:
-                raise KeyError(f"row lacks {key!r}; {self.name} needs it (base forward pass?)")
-            lp = row[key]
+            if self.key not in row:
+                raise KeyError(f"row lacks {self.key!r}; {self.name} needs it")
+            lp = row[self.key]
             if len(lp) == 0:
                 out.append(float("-inf"))
                 continue

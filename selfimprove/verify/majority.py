@@ -5,19 +5,21 @@ from __future__ import annotations
 from collections import defaultdict
 
 from selfimprove.metrics import votes
+from selfimprove.stages import Context, Scorer
 
 
-class MajorityAgreement:
-    """Scorer: fraction of rows with the same ``prompt_id`` whose answer equals this row's.
+class MajorityAgreement(Scorer):
+    """Scorer: fraction of rows with the same ``prompt_id`` whose answer equals this row's
+    (EMPO's reward; TTRL's is this score's argmax).
 
     The denominator counts every sibling (including itself and unanswered ones), so a
     unanimous prompt scores 1.0. A ``None`` answer agrees with nothing and scores 0.0.
     """
 
-    name: str = "majority"
-    needs_base_logprobs: bool = False
+    name = "majority"
+    reads = ("prompt_id", "answer")
 
-    def __call__(self, rows: list[dict]) -> list[float]:
+    def score(self, rows: list[dict], ctx: Context | None = None) -> list[float]:
         answers: dict[str, list] = defaultdict(list)
         for row in rows:
             answers[row["prompt_id"]].append(row["answer"])

@@ -1,4 +1,4 @@
-"""Self-certainty (Kang et al. 2502.18581) and Borda voting over it.
+"""Self-certainty (Kang et al. 2502.18581); Borda voting over it is `selfimprove.select.Borda`.
 
 Self-certainty of one next-token distribution p is KL(U || p) = -(1/V) sum_j log p_j - log V,
 and a sequence's score is the mean over its generated tokens. It is >= 0, with 0 meaning
@@ -8,10 +8,11 @@ and a sequence's score is the mean over its generated tokens. It is >= 0, with 0
 from __future__ import annotations
 
 import math
-from collections.abc import Hashable, Sequence
 
 import torch
 from torch import Tensor
+
+from selfimprove.stages import Context, Scorer
 
 
 def token_stats(logits: Tensor) -> tuple[Tensor, Tensor, Tensor]:
@@ -44,47 +45,19 @@ def response_logits(logits: Tensor, prompt_len: int, n: int) -> Tensor:
     return logits[:, prompt_len - 1 : prompt_len - 1 + n]
 
 
-class SelfCertainty:
-    """Scorer: mean per-token self-certainty recorded during generation.
+class SelfCertainty(Scorer):
+    """Scorer: mean per-token self-certainty recorded during generation (no forward pass).
 
     An empty completion scores 0.0, the value of a uniform distribution, i.e. the least
     certain possible score -- it carries no evidence, and staying finite keeps logs valid.
     """
 
-    name: str = "self_certainty"
-    needs_base_logprobs: bool = False
+    name = "self_certainty"
+    reads = ("self_certainty",)
 
-    def __call__(self, rows: list[dict]) -> list[float]:
+    def score(self, rows: list[dict], ctx: Context | None = None) -> list[float]:
         out = []
         for row in rows:
             sc = row["self_certainty"]
             out.append(float(sum(sc) / len(sc)) if len(sc) > 0 else 0.0)
         return out
-
-
-def borda_vote(answers: Sequence[Hashable | None], scores: Sequence[float], power: float) -> int:
-    """Index of the earliest output carrying the Borda-winning answer.
-
-    Outputs are ranked by score (rank 1 = highest; equal scores keep input order) and each
-    adds (N - r + 1)^power to its answer's total; power = 0 is plain majority vote. ``None``
-    answers (extraction failed) cannot win. Equal totals go to the answer seen first. If no
-    output has an answer, returns the highest-scoring output.
-    """
-    n = len(answers)
-    if n == 0 or n != len(scores):
-        raise ValueError("answers and scores must be non-empty and of equal length")
-    order = sorted(range(n), key=lambda i: -scores[i])  # stable: ties keep input order
-    totals: dict[Hashable, float] = {}
-    first_seen: dict[Hashable, int] = {}
-    for i, a in enumerate(answers):
-        if a is not None and a not in first_seen:
-            first_seen[a] = i
-            totals[a] = 0.0
-    for rank0, i in enumerate(order):
-        if answers[i] is not None:
-            totals[answers[i]] += float(n - rank0) ** power  # rank r = rank0 + 1
-    if not totals:
-        return order[0]
-    # max over answers in first-seen order: ties go to the earliest answer
-    winner = max(first_seen, key=lambda a: (totals[a], -first_seen[a]))
-    return first_seen[winner]

@@ -1,0 +1,23 @@
+"""Selectors: stages that turn scored rows into training examples (rows in, rows out).
+
+Each is built by ``hydra.utils.instantiate``, declares the columns it reads, and returns the rows to
+train on: a subset (best-of-N, threshold, vote), or curated rows plus real data (curation).
+Selecting nothing is legal and returns ``[]``; the loop decides what then.
+"""
+
+from selfimprove.select.curation import Curation, curated_update, curation_probs, plackett_luce
+from selfimprove.select.filters import BestOfN, GroundTruthFilter, Threshold
+from selfimprove.select.vote import Borda, MajorityVote, borda_vote
+
+__all__ = [
+    "BestOfN",
+    "Borda",
+    "Curation",
+    "GroundTruthFilter",
+    "MajorityVote",
+    "Threshold",
+    "borda_vote",
+    "curated_update",
+    "curation_probs",
+    "plackett_luce",
+]
