@@ -128,11 +128,7 @@ class Loop:
                 task=self.task,
                 n=cfg.sampler.n,
                 batch_size=cfg.sampler.batch_size,
-                gen=dict(
-                    max_new_tokens=cfg.sampler.max_new_tokens,
-                    temperature=cfg.sampler.temperature,
-                    top_p=cfg.sampler.top_p,
-                ),
+                gen=phases.generation_options(cfg.sampler),
                 seed_of_unit=lambda u: dist.derive_seed(cfg.seed, r.number, "sample", u),
                 timer=r.compute,
                 should_stop=should_stop,

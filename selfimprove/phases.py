@@ -20,9 +20,15 @@ from selfimprove.stages import Context, order_stages
 Timer = dict[str, float]
 
 
-def _units(n_prompts: int, n: int, batch_size: int) -> list[range]:
+def units(n_prompts: int, n: int, batch_size: int) -> list[range]:
+    """The prompts of each unit: whole prompts, about batch_size sequences (n per prompt) each."""
     per = max(1, batch_size // max(n, 1))
     return [range(s, min(s + per, n_prompts)) for s in range(0, n_prompts, per)]
+
+
+def generation_options(sampler) -> dict:
+    """What `generate` takes from the `sampler` config group."""
+    return dict(max_new_tokens=sampler.max_new_tokens, temperature=sampler.temperature, top_p=sampler.top_p)
 
 
 def _shard(folder: Path, unit: int) -> Path:
@@ -62,11 +68,11 @@ def sample_units(
     fault: str = "",
 ) -> list[dict] | None:
     """Generates n completions per problem, unit by unit. Returns all rows, or None if stopped."""
-    units = _units(len(problems), n, batch_size)
-    bar = progress(len(units), desc)
-    for u in _my_waves(len(units)):
+    chunks = units(len(problems), n, batch_size)
+    bar = progress(len(chunks), desc)
+    for u in _my_waves(len(chunks)):
         if u is not None and not _shard(folder, u).exists():
-            chunk = [problems[i] for i in units[u]]
+            chunk = [problems[i] for i in chunks[u]]
             prompts = [engine.sampler.encode(p) for p in chunk]
             t = time.perf_counter()
             outs = engine.generate([p for p in prompts for _ in range(n)], seed=seed_of_unit(u), **gen)
@@ -91,12 +97,12 @@ def sample_units(
                 )
             write_table(_shard(folder, u), rows)
             faults.point(f"{fault}:u{u}")
-        bar.update(min(dist.world(), len(units) - bar.n))
+        bar.update(min(dist.world(), len(chunks) - bar.n))
         if should_stop():
             bar.close()
             return None
     bar.close()
-    return gather(folder, len(units))
+    return gather(folder, len(chunks))
 
 
 def verify_units(
@@ -126,4 +132,4 @@ def verify_units(
 
 
 def n_units(n_prompts: int, n: int, batch_size: int) -> int:
-    return len(_units(n_prompts, n, batch_size))
+    return len(units(n_prompts, n, batch_size))

@@ -88,7 +88,7 @@ class Session:
         from selfimprove import phases
 
         n, batch_size = self.cfg.sampler.n, self.cfg.sampler.batch_size
-        return [len(r) * n for r in phases._units(len(self.problems), n, batch_size)]
+        return [len(r) * n for r in phases.units(len(self.problems), n, batch_size)]
 
     def draw(self, folder: Path) -> list[dict]:
         """`sampler.n` completions per problem, unit by unit into `folder` (the loop's own code)."""
@@ -103,11 +103,7 @@ class Session:
             task=self.task,
             n=cfg.sampler.n,
             batch_size=cfg.sampler.batch_size,
-            gen=dict(
-                max_new_tokens=cfg.sampler.max_new_tokens,
-                temperature=cfg.sampler.temperature,
-                top_p=cfg.sampler.top_p,
-            ),
+            gen=phases.generation_options(cfg.sampler),
             seed_of_unit=lambda u: dist.derive_seed(self.seed, u),
             timer={},
             should_stop=lambda: False,
@@ -161,7 +157,17 @@ def open_session(
         )
     except ValueError as e:
         raise ConfigError(f"prompts={n_prompts}: {e}") from None
-    stages = scorers(cfg, task) if scorers is not None else [instantiate(v) for v in cfg.verifiers.values()]
+    if scorers is None:
+        stages = []
+        for key, node in cfg.verifiers.items():
+            stage = instantiate(node)
+            try:
+                stage.check(task)
+            except ValueError as e:
+                raise ConfigError(f"verifiers.{key}: {e}") from None
+            stages.append(stage)
+    else:
+        stages = scorers(cfg, task)
     engine = Engine(cfg, train=False, reference=any(s.needs_reference for s in stages))
     if run_dir is not None:
         restore(engine, run_dir, weights, flag="weights=ema")

@@ -121,7 +121,8 @@ class Curation(Stage):
         curated = [{**rows[i], "source": "policy"} for i in sorted(keep)]
         if not self.mix:
             return curated
-        return curated + real_rows(ctx.task, ctx, round(len(curated) / self.synthetic_to_real))
+        n_real = math.floor(len(curated) / self.synthetic_to_real + 0.5)  # halves up, not to even
+        return curated + real_rows(ctx.task, ctx, n_real)
 
 
 def _compositions(total: int, parts: int) -> Iterator[tuple[int, ...]]:
