@@ -262,6 +262,21 @@ def check_stage_columns(container: dict) -> None:
         raise ConfigError(str(e)) from None
 
 
+def build_stages(nodes: dict[str, Any], task: Any) -> dict[str, Any]:
+    """Stages by config path, built and checked against the task (curation's real data needs
+    references) before any model loads; a ConfigError names the path."""
+    from hydra.utils import instantiate
+
+    stages = {}
+    for path, node in nodes.items():
+        stages[path] = _build(path, node, instantiate)
+        try:
+            stages[path].check(task)
+        except ValueError as e:
+            raise ConfigError(f"{path}: {e}") from None
+    return stages
+
+
 def _build(path: str, node: dict, instantiate):
     try:
         return instantiate(node)

@@ -21,7 +21,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from selfimprove import checkpoint, faults, phases
 from selfimprove import distributed as dist
-from selfimprove.config import ConfigError, check_trainable, resume_diff
+from selfimprove.config import ConfigError, build_stages, check_trainable, resume_diff
 from selfimprove.engine import Engine
 from selfimprove.evaluate import evaluate
 from selfimprove.logging import MetricsLogger, progress, trim_metrics
@@ -90,14 +90,11 @@ class Loop:
             self.task.eval_problems(cfg.eval.n_problems)
         except ValueError as e:
             raise ConfigError(f"eval.n_problems={cfg.eval.n_problems}: {e}") from None
-        stages = {f"verifiers.{k}": instantiate(v) for k, v in cfg.verifiers.items()}
-        stages["selector"] = self.selector = instantiate(cfg.selector)
-        for key, stage in stages.items():
-            try:  # what the task must offer a stage (curation's real data): before the run folder too
-                stage.check(self.task)
-            except ValueError as e:
-                raise ConfigError(f"{key}: {e}") from None
-        self.scorers = order_stages([s for k, s in stages.items() if k != "selector"])
+        # checked against the task before the run folder too
+        nodes = {f"verifiers.{k}": v for k, v in cfg.verifiers.items()}
+        stages = build_stages({**nodes, "selector": cfg.selector}, self.task)
+        self.selector = stages.pop("selector")
+        self.scorers = order_stages(list(stages.values()))
         self.objective = instantiate(cfg.objective)
         self.run_dir = prepare_run_dir(cfg)
         needs_base = any(s.needs_reference for s in (*self.scorers, self.selector))

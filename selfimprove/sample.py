@@ -140,7 +140,7 @@ def open_session(
     from hydra.utils import instantiate
 
     from selfimprove import distributed as dist
-    from selfimprove.config import ConfigError
+    from selfimprove.config import ConfigError, build_stages
     from selfimprove.engine import Engine
 
     cfg = load_config(run_dir, overrides)
@@ -158,14 +158,8 @@ def open_session(
     except ValueError as e:
         raise ConfigError(f"prompts={n_prompts}: {e}") from None
     if scorers is None:
-        stages = []
-        for key, node in cfg.verifiers.items():
-            stage = instantiate(node)
-            try:
-                stage.check(task)
-            except ValueError as e:
-                raise ConfigError(f"verifiers.{key}: {e}") from None
-            stages.append(stage)
+        nodes = {f"verifiers.{k}": v for k, v in cfg.verifiers.items()}
+        stages = list(build_stages(nodes, task).values())
     else:
         stages = scorers(cfg, task)
     engine = Engine(cfg, train=False, reference=any(s.needs_reference for s in stages))

@@ -86,26 +86,17 @@ def verifier_configs(requested: str | None, overrides: list[str]) -> tuple[DictC
 def build_scorers(cfg: DictConfig, verifiers: DictConfig, task: Any) -> list[tuple[str, Any]]:
     """(config name, scorer) in the order they must run (a combined score after its parts), checked
     like a recipe's verifiers before any model loads. The verifiers replace the config's own."""
-    from hydra.utils import instantiate
-
-    from selfimprove.config import ConfigError, _check_target
+    from selfimprove.config import ConfigError, _check_target, build_stages
     from selfimprove.stages import order_stages
 
     with open_dict(cfg):
         cfg.verifiers = verifiers.verifiers
-    built = []
     for name, node in cfg.verifiers.items():
         _check_target(f"verifiers.{name}", OmegaConf.to_container(node, resolve=True))
-        try:
-            built.append((name, instantiate(node)))
-        except Exception as e:  # the stage's own check of its arguments
-            raise ConfigError(f"verifiers.{name}: {e.__cause__ or e}") from None
+    nodes = {f"verifiers.{k}": v for k, v in cfg.verifiers.items()}
+    built = [(path.removeprefix("verifiers."), s) for path, s in build_stages(nodes, task).items()]
     by_column: dict[str, str] = {}
     for name, scorer in built:
-        try:  # what the task must offer the stage
-            scorer.check(task)
-        except ValueError as e:
-            raise ConfigError(f"verifiers.{name}: {e}") from None
         if scorer.column in by_column:
             raise ConfigError(
                 f"verifiers: {by_column[scorer.column]} and {name} both write {scorer.column} (rename one: "

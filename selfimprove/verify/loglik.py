@@ -35,11 +35,14 @@ class SequenceLogLik(Scorer):
         return (self.column, "ref_logprobs") if self.source == "base" else (self.column,)
 
     def __call__(self, rows: list[dict], ctx: Context) -> list[dict]:
-        todo = [r for r in rows if self.key not in r]
-        if todo and self.source == "base":
-            lps = ctx.logprobs([r["prompt_ids"] for r in todo], [r["completion_ids"] for r in todo], "base")
-            done = {id(r): lp for r, lp in zip(todo, lps)}
-            rows = [{**r, "ref_logprobs": done[id(r)]} if id(r) in done else r for r in rows]
+        todo = [i for i, r in enumerate(rows) if self.key not in r]
+        if todo and self.source == "base":  # once per row, whichever base scorer asks first
+            lps = ctx.logprobs(
+                [rows[i]["prompt_ids"] for i in todo], [rows[i]["completion_ids"] for i in todo], "base"
+            )
+            rows = list(rows)
+            for i, lp in zip(todo, lps):
+                rows[i] = {**rows[i], "ref_logprobs": lp}
         return super().__call__(rows, ctx)
 
     def score(self, rows: list[dict], ctx: Context | None = None) -> list[float]:
