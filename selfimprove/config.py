@@ -101,6 +101,9 @@ class EvalConfig:
     max_new_tokens: int = 6
     before: bool = True  # evaluate the starting model as round 0
     every: int = 1
+    # labelled held-out problems (disjoint from the n_problems test ones) whose greedy accuracy picks
+    # the round to report: model selection, which makes a label-free recipe use this many labels
+    dev_problems: int = 0
 
 
 @dataclass
@@ -256,8 +259,9 @@ def check_stage_columns(container: dict) -> None:
 
     scorers = [_build(f"verifiers.{k}", v, instantiate) for k, v in container.get("verifiers", {}).items()]
     selector = _build("selector", container["selector"], instantiate)
+    objective = _build("objective", container["objective"], instantiate)
     try:
-        check_columns(scorers, selector)
+        check_columns(scorers, selector, objective)
     except ValueError as e:
         raise ConfigError(str(e)) from None
 

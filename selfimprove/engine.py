@@ -110,9 +110,9 @@ class Engine:
                 yield base
 
     # ----- what stages ask of the model -----
-    def generate(self, prompts: list[list[int]], **gen) -> list[dict]:
-        with self.accelerator.autocast():
-            return self.sampler.generate(self.policy, prompts, **gen)
+    def generate(self, prompts: list[list[int]], weights: str = "policy", **gen) -> list[dict]:
+        with self._weights(weights) as model, self.accelerator.autocast():
+            return self.sampler.generate(model, prompts, **gen)
 
     def logprobs(
         self,
@@ -121,7 +121,7 @@ class Engine:
         weights: str = "base",
         batch_size: int = 64,
     ) -> list[list[float]]:
-        """Per-token log-probs of given completions under the policy ("policy") or the base ("base")."""
+        """Per-token log-probs of given completions under the policy, the base or the EMA weights."""
         out: list[list[float]] = []
         with self._weights(weights) as model, self.accelerator.autocast():
             for s in range(0, len(prompts), batch_size):
@@ -130,10 +130,22 @@ class Engine:
                 )
         return out
 
-    def _weights(self, which: str) -> contextlib.AbstractContextManager:
-        if which not in ("policy", "base"):
-            raise ValueError(f"weights must be 'policy' or 'base', got {which!r}")
-        return self.reference() if which == "base" else contextlib.nullcontext(self.policy)
+    @contextlib.contextmanager
+    def _weights(self, which: str) -> Iterator[torch.nn.Module]:
+        """The model a stage asked for: "policy" (as it is now), "base" (frozen) or "ema" (the average
+        swapped into the policy for the duration; an error when the run keeps no EMA)."""
+        if which == "base":
+            with self.reference() as base:
+                yield base
+        elif which == "ema":
+            if self.ema is None:
+                raise ValueError("weights='ema' needs the EMA: set ema.enabled=true")
+            with self.weights("ema"):
+                yield self.policy
+        elif which == "policy":
+            yield self.policy
+        else:
+            raise ValueError(f"weights must be 'policy', 'base' or 'ema', got {which!r}")
 
     def next_token_logprobs(
         self,

@@ -84,7 +84,34 @@ def evaluate(
                     return None
         prefix = "eval/" if which == "raw" else "eval_ema/"
         out.update({prefix + k: v for k, v in eval_summary(greedy, sampled, cfg.eval.k).items()})
+    if cfg.eval.dev_problems > 0:  # the problems after the test ones: never the ones reported
+        dev = task.eval_problems(cfg.eval.n_problems + cfg.eval.dev_problems)[cfg.eval.n_problems :]
+        greedy = phases.sample_units(
+            folder / "raw-dev",
+            dev,
+            n=1,
+            gen={**gen, "greedy": True},
+            seed_of_unit=lambda u: 0,
+            desc="eval dev",
+            **common,
+        )
+        if greedy is None:
+            return None
+        out["dev/accuracy"] = eval_summary(greedy, [], 0)["accuracy"]
     return out
+
+
+def select_round(records: list[dict]) -> dict:
+    """The evaluated round with the best dev accuracy (ties: the earliest), with its test metrics under
+    selected/: what a run that uses its dev labels for model selection reports."""
+    scored = [r for r in records if r.get("dev/accuracy") is not None]
+    if not scored:
+        return {}
+    best = max(scored, key=lambda r: (r["dev/accuracy"], -r["round"]))
+    return {
+        "selected/round": best["round"],
+        **{f"selected/{k}": v for k, v in best.items() if k.startswith(("eval/", "dev/"))},
+    }
 
 
 def evaluate_run(cfg: DictConfig, run_dir: Path | None) -> dict:

@@ -23,10 +23,10 @@ from selfimprove import checkpoint, faults, phases
 from selfimprove import distributed as dist
 from selfimprove.config import ConfigError, build_stages, check_trainable, resume_diff
 from selfimprove.engine import Engine
-from selfimprove.evaluate import evaluate
+from selfimprove.evaluate import evaluate, select_round
 from selfimprove.logging import MetricsLogger, progress, trim_metrics
 from selfimprove.metrics import summarize_round
-from selfimprove.stages import Context, order_stages
+from selfimprove.stages import Context, Scorer, order_stages
 from selfimprove.train import update
 
 _stop = {"requested": False}
@@ -159,7 +159,10 @@ class Loop:
         """Scored samples -> training examples (the same result on every rank)."""
         with r.phase("select"):
             examples = self.selector(rows, self.context(r, "select"))
-            r.record.update(summarize_round(rows, examples, [s.name for s in self.scorers]))
+            r.record.update(
+                summarize_round(rows, examples, [s.name for s in self.scorers if isinstance(s, Scorer)])
+            )
+            r.record.update({f"select/{k}": v for k, v in getattr(self.selector, "metrics", {}).items()})
         faults.point(f"phase:r{r.number}:select")
         return examples
 
@@ -260,8 +263,23 @@ class Loop:
                 self.log_round(r)
                 last = r.record
             journal.update(round=number + 1, phase="sample", update_step=0)
+        if cfg.eval.dev_problems > 0:
+            last = {**last, **self.log_selection()}
         self.logger.close()
         return last
+
+    def log_selection(self) -> dict:
+        """Model selection on the dev split: the best round's held-out metrics, logged and printed."""
+        records = [json.loads(p.read_text()) for p in sorted(self.run_dir.glob("rounds/r*/metrics.json"))]
+        selected = select_round(records)
+        if selected and dist.is_main():
+            self.logger.log(selected, self.journal["global_step"])
+            checkpoint.write_json(self.run_dir / "selected.json", selected)
+            print(
+                f"[selfimprove] selected round {selected['selected/round']} by dev accuracy "
+                f"({self.cfg.eval.dev_problems} labels): eval/accuracy={selected.get('selected/eval/accuracy')}"
+            )
+        return selected
 
     def log_round(self, r: Round) -> None:
         generate = r.compute.get("generate")

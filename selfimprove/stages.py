@@ -124,8 +124,9 @@ class Context:
         finally:
             self.timer[what] = self.timer.get(what, 0.0) + time.perf_counter() - t
 
-    def generate(self, prompts: list[list[int]], **gen) -> list[dict]:
-        return self._timed("generate", self.engine.generate, prompts, **gen)
+    def generate(self, prompts: list[list[int]], weights: str = "policy", **gen) -> list[dict]:
+        """Completions (with per-token stats) from the policy, or from the "ema" weights."""
+        return self._timed("generate", self.engine.generate, prompts, weights=weights, **gen)
 
     def logprobs(
         self, prompt_ids: list[list[int]], completion_ids: list[list[int]], weights: str = "policy"
@@ -175,12 +176,20 @@ def order_stages(scorers: list[Stage]) -> list[Stage]:
     return ordered
 
 
-def check_columns(scorers: list[Stage], selector: Stage) -> None:
-    """Every column a stage reads is sampled or written by a scorer; a ValueError names both ends."""
+def check_columns(scorers: list[Stage], selector: Stage, objective: Any = None) -> None:
+    """Every column the selector (and the objective) reads is sampled or written by a stage before
+    it; a ValueError names both ends."""
     written = {c for s in order_stages(scorers) for c in s.writes}
     missing = sorted(set(selector.reads) - CORE_COLUMNS - written)
     if missing:
         raise ValueError(
             f"selector {selector.name!r} reads {missing}, which no verifier writes "
             f"(verifiers write: {sorted(written)}; add one, e.g. +verifier@verifiers.NAME=NAME)"
+        )
+    missing = sorted(set(getattr(objective, "reads", ())) - CORE_COLUMNS - written - set(selector.writes))
+    if missing:
+        raise ValueError(
+            f"objective {objective.name!r} reads {missing}, which no verifier or selector writes "
+            f"(e.g. +verifier@verifiers.reference=reference_base for ref_logprobs, selector=group_advantage "
+            "for advantage)"
         )

@@ -1,8 +1,9 @@
 """The update phase: K optimizer steps on the selected examples, through accelerate.
 
 Each step's batch is drawn from a generator seeded by (seed, round, step), split into micro-batches,
-and micro-batch m runs on rank m % world with dropout seeded by (seed, round, step, m). The loss is the
-token-mean over the whole step's batch on every rank, so one rank and two ranks compute the same
+and micro-batch m runs on rank m % world with dropout seeded by (seed, round, step, m). The loss is
+divided by the objective's normalizer over the whole step's batch (contract 3: token-mean,
+sequence-mean or a constant), the same on every rank, so one rank and two ranks compute the same
 gradient. Ranks with fewer micro-batches run a zero-weighted one so DDP sees the same number of
 backward passes everywhere. A step whose loss or gradient is not finite is skipped on every rank.
 """
@@ -20,15 +21,41 @@ from selfimprove import distributed as dist
 from selfimprove import faults
 from selfimprove.sampling.hf import forward_inputs, left_pad
 
+# row column -> batch key, for the token-aligned columns collate pads when every example has them
+TOKEN_COLUMNS = {
+    "logprobs": "old_logprobs",
+    "ref_logprobs": "ref_logprobs",
+    "ema_logprobs": "ema_logprobs",
+    "advantage": "advantages",
+}
+
 
 def collate(examples: list[dict], pad: int) -> dict[str, torch.Tensor]:
-    """Left-padded input ids, attention mask, and labels that are -100 except on completions."""
+    """Left-padded input ids and attention mask; labels that are -100 except on completions; and every
+    token-aligned column all the examples carry (old and reference log-probs, advantages — a scalar
+    advantage is spread over its sequence's tokens), shaped like labels, 0 off the completions; and
+    per-sequence `weights` when the rows have a `weight`."""
     input_ids, attention = left_pad([e["prompt_ids"] + e["completion_ids"] for e in examples], pad)
+    width = input_ids.shape[1]
     labels = torch.full_like(input_ids, -100)
     for i, e in enumerate(examples):
         n = len(e["completion_ids"])
-        labels[i, input_ids.shape[1] - n :] = torch.tensor(e["completion_ids"])
-    return {"input_ids": input_ids, "attention_mask": attention, "labels": labels}
+        labels[i, width - n :] = torch.tensor(e["completion_ids"])
+    batch = {"input_ids": input_ids, "attention_mask": attention, "labels": labels}
+    for column, key in TOKEN_COLUMNS.items():
+        if not all(e.get(column) is not None for e in examples):
+            continue
+        values = torch.zeros(input_ids.shape, dtype=torch.float32)
+        for i, e in enumerate(examples):
+            n = len(e["completion_ids"])
+            per_token = e[column] if isinstance(e[column], (list, tuple)) else [float(e[column])] * n
+            if len(per_token) != n:
+                raise ValueError(f"{column}: {len(per_token)} values for {n} completion tokens")
+            values[i, width - n :] = torch.tensor(per_token, dtype=torch.float32)
+        batch[key] = values
+    if all(e.get("weight") is not None for e in examples):
+        batch["weights"] = torch.tensor([float(e["weight"]) for e in examples])
+    return batch
 
 
 def step_batch(n_examples: int, batch_size: int, seed: int) -> list[int]:
@@ -39,7 +66,7 @@ def step_batch(n_examples: int, batch_size: int, seed: int) -> list[int]:
     return sorted(rng.sample(range(n_examples), batch_size))
 
 
-def _my_micro_batches(micro: list[list[dict]]) -> list[tuple[int, list[dict], float]]:
+def _my_micro_batches(micro: list) -> list[tuple[int, object, float]]:
     """(global index, examples, weight) of the micro-batches this rank runs; padded with a
     zero-weighted repeat so every rank runs as many backward passes as the busiest one."""
     world, rank = dist.world(), dist.rank()
@@ -75,37 +102,49 @@ def update(
     model.train()
     for step in range(start_step, cfg.steps_per_round):
         chosen = [examples[i] for i in step_batch(len(examples), batch_size, seed_of_step(step))]
-        micro = [chosen[i : i + cfg.micro_batch_size] for i in range(0, len(chosen), cfg.micro_batch_size)]
+        batches = [
+            collate(chosen[i : i + cfg.micro_batch_size], engine.pad)
+            for i in range(0, len(chosen), cfg.micro_batch_size)
+        ]
         n_tokens = sum(len(e["completion_ids"]) for e in chosen)
-        mine = _my_micro_batches(micro)
-        loss_total = 0.0
-        for i, (j, mb, weight) in enumerate(mine):
+        normalizer = objective.normalizer(batches)  # the whole step's, on every rank
+        mine = _my_micro_batches(batches)
+        loss_total, sums = 0.0, {}
+        for i, (j, cpu_batch, weight) in enumerate(mine):
             torch.manual_seed(seed_of_step(step, j))  # dropout: the same masks on any number of ranks
-            batch = {k: v.to(accelerator.device) for k, v in collate(mb, engine.pad).items()}
+            batch = {k: v.to(accelerator.device) for k, v in cpu_batch.items()}
             sync = i == len(mine) - 1
             with contextlib.nullcontext() if sync else accelerator.no_sync(model):
                 logits = model(
                     **forward_inputs(batch["input_ids"], batch["attention_mask"], accelerator.device)
                 ).logits
-                loss_sum, _, _ = objective(logits, batch)
+                loss_sum, _, objective_metrics = objective(logits, batch)
                 if faults.nan_here(f"{fault}:s{step + 1}"):
                     loss_sum = loss_sum * float("nan")
-                # DDP averages gradients over ranks; scaling by world makes it a global token-mean.
-                accelerator.backward(loss_sum * (weight * world / max(n_tokens, 1)))
+                # DDP averages gradients over ranks; scaling by world makes it the step's global mean.
+                accelerator.backward(loss_sum * (weight * world / normalizer))
             loss_total += loss_sum.item() * weight
+            for name, (total, count) in objective_metrics.items():
+                old = sums.get(name, (0.0, 0.0))
+                sums[name] = (old[0] + float(total) * weight, old[1] + float(count) * weight)
         grad_norm = accelerator.clip_grad_norm_(trainable, cfg.max_grad_norm)
-        loss_all, bad = dist.all_sum([loss_total, float(not math.isfinite(float(grad_norm)))])
+        names = sorted(sums)
+        totals = dist.all_sum(
+            [loss_total, float(not math.isfinite(float(grad_norm)))] + [v for k in names for v in sums[k]]
+        )
+        loss_all, bad = totals[0], totals[1]
         skipped = bad > 0 or not math.isfinite(loss_all)
         if not skipped:  # a non-finite step would poison the weights, the EMA and every checkpoint
             optimizer.step()
         scheduler.step()  # the schedule follows the step count either way
         optimizer.zero_grad(set_to_none=True)
         metrics = {
-            "train/loss": loss_all / max(n_tokens, 1),
+            "train/loss": loss_all / normalizer,
             "train/grad_norm": float(grad_norm),
             "train/lr": scheduler.get_last_lr()[0],
             "train/examples": len(chosen),
             "train/tokens": n_tokens,
+            **{k: totals[2 + 2 * i] / max(totals[3 + 2 * i], 1e-12) for i, k in enumerate(names)},
         }
         if skipped:
             metrics["train/skipped_nonfinite"] = True

@@ -148,3 +148,49 @@ def test_dropout_is_seeded_per_micro_batch_so_resume_stays_bit_identical(tmp_pat
     a, b = final_state(want), final_state(got)
     for name in a:
         assert torch.equal(a[name], b[name]), name
+
+
+# RL: GRPO with a label-free reward (self-certainty: the tiny random model never answers right), KL to
+# the base, two clipped steps per round on the same samples (the off-policy variant), EMA on.
+RL = [
+    *TINY,
+    "recipe=grpo_oracle",
+    "selector.reward=self_certainty",
+    "+verifier@verifiers.reference=reference_base",
+    "objective.beta=0.05",
+    "trainer.steps_per_round=2",
+    "eval.k=0",
+    "eval.n_problems=4",
+    "eval.dev_problems=4",
+]
+
+
+@pytest.fixture(scope="module")
+def rl_baseline(tmp_path_factory) -> Path:
+    run_dir = tmp_path_factory.mktemp("rl") / "run"
+    run_cli(["train", *RL, f"run.dir={run_dir}"])
+    return run_dir
+
+
+@pytest.mark.parametrize("crash_at", ["verify:r2:u0", "update:r2:s1"])
+def test_rl_run_killed_mid_round_resumes_bit_identical(tmp_path, rl_baseline, crash_at):
+    run_dir = tmp_path / "run"
+    killed = run_cli(
+        ["train", *RL, f"run.dir={run_dir}"], env={"SELFIMPROVE_CRASH_AT": crash_at}, check=False
+    )
+    assert killed.returncode == -9, killed.stderr[-2000:]
+    run_cli(["train", *RL, f"run.dir={run_dir}", "resume=auto"])
+    want, got = final_state(rl_baseline), final_state(run_dir)
+    for name in want:
+        assert torch.equal(want[name], got[name]), name
+    lines = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    steps = [x for x in lines if "train/loss" in x]
+    assert [x["step"] for x in steps] == [1, 2, 3, 4]
+    assert all(x["pg/kl"] >= 0 and 0 <= x["pg/clip_frac"] <= 1 for x in steps)
+    # model selection on the dev split: the round with the best dev accuracy, its test metrics beside it
+    selected = json.loads((run_dir / "selected.json").read_text())
+    rounds = {x["round"]: x for x in lines if "dev/accuracy" in x}
+    assert set(rounds) == {0, 1, 2} and selected["selected/round"] in rounds
+    best = rounds[selected["selected/round"]]
+    assert selected["selected/dev/accuracy"] == max(x["dev/accuracy"] for x in rounds.values())
+    assert selected["selected/eval/accuracy"] == best["eval/accuracy"]

@@ -4,7 +4,7 @@ decoding is what the sampler asks for, whatever generation defaults the model wa
 import pytest
 import torch
 from omegaconf import OmegaConf
-from transformers import AutoModelForCausalLM, GenerationConfig
+from transformers import AutoModelForCausalLM, GenerationConfig, TopPLogitsWarper
 
 from selfimprove import models
 from selfimprove.config import ModelConfig
@@ -68,28 +68,40 @@ def completion_logits(model, prompt: list[int], completion: list[int]) -> torch.
     return logits[0, len(prompt) - 1 : len(prompt) - 1 + len(completion)].float().cpu()
 
 
-def assert_recorded_stats_match(model, tok, temperature: float, max_new_tokens: int = 5) -> None:
-    """Recorded log-probs, self-certainty and entropy equal a plain forward pass, and so do
-    `sequence_logprobs`; on whatever device the model is."""
+def assert_recorded_stats_match(
+    model, tok, temperature: float, max_new_tokens: int = 5, top_p: float = 1.0
+) -> None:
+    """Recorded log-probs equal a plain forward pass at the sampling temperature (and top-p: the
+    distribution that sampled, what an importance ratio divides by); self-certainty and entropy equal
+    the model's own distribution; at temperature 1 `sequence_logprobs` agrees. On any device."""
     sampler = HFSampler(tok)
     prompts = mixed_length_prompts(sampler)
-    rows = sampler.generate(model, prompts, max_new_tokens=max_new_tokens, temperature=temperature, seed=1)
+    rows = sampler.generate(
+        model, prompts, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=1
+    )
     for p, row in zip(prompts, rows):
-        logp, sc, ent = token_stats(completion_logits(model, p, row["completion_ids"]))
+        logits = completion_logits(model, p, row["completion_ids"])
+        _, sc, ent = token_stats(logits)
+        sampled = TopPLogitsWarper(top_p)(None, logits / temperature) if top_p < 1 else logits / temperature
+        logp = torch.log_softmax(sampled, dim=-1)
         want_lp = logp.gather(1, torch.tensor(row["completion_ids"])[:, None])[:, 0]
-        # Recorded from the model's own distribution, before temperature reshapes it.
         torch.testing.assert_close(torch.tensor(row["logprobs"]), want_lp, atol=2e-4, rtol=1e-4)
         torch.testing.assert_close(torch.tensor(row["self_certainty"]), sc, atol=2e-4, rtol=1e-4)
         torch.testing.assert_close(torch.tensor(row["entropy"]), ent, atol=2e-4, rtol=1e-4)
-    again = sequence_logprobs(model, prompts, [r["completion_ids"] for r in rows], tok.pad_token_id)
-    for got, row in zip(again, rows):
-        torch.testing.assert_close(torch.tensor(got), torch.tensor(row["logprobs"]), atol=2e-4, rtol=1e-4)
+    if temperature == 1.0 and top_p == 1.0:
+        again = sequence_logprobs(model, prompts, [r["completion_ids"] for r in rows], tok.pad_token_id)
+        for got, row in zip(again, rows):
+            torch.testing.assert_close(torch.tensor(got), torch.tensor(row["logprobs"]), atol=2e-4, rtol=1e-4)
 
 
 @pytest.mark.parametrize("model_name", ["tiny", "opinionated"])
 @pytest.mark.parametrize("temperature", [1.0, 0.5])
 def test_recorded_stats_match_a_forward_pass(request, model_name, temperature):
     assert_recorded_stats_match(*request.getfixturevalue(model_name), temperature)
+
+
+def test_recorded_logprobs_are_the_top_p_distribution_that_sampled(opinionated):
+    assert_recorded_stats_match(*opinionated, temperature=0.7, top_p=0.8)
 
 
 @pytest.mark.parametrize("lora", [False, True])
@@ -130,3 +142,19 @@ def test_prompt_too_long_names_the_problem(tiny):
     _, tok = tiny
     with pytest.raises(ValueError, match="problem train-0: prompt is"):
         HFSampler(tok, max_prompt_tokens=4).encode(ArithmeticTask().train_problem(0))
+
+
+def test_repeated_prompts_share_one_prefill_and_sample_the_same(tiny, monkeypatch):
+    from selfimprove.sampling import hf
+
+    model, tok = tiny
+    sampler = HFSampler(tok)
+    prompts = [p for p in mixed_length_prompts(sampler) for _ in range(4)]
+    assert hf.repeats(prompts) == 4 and hf.repeats(prompts[:5]) == 1 and hf.repeats(prompts[::4]) == 1
+    shared = sampler.generate(model, prompts, max_new_tokens=5, seed=2)
+    monkeypatch.setattr(hf, "shared_prompt_cache", lambda *args: None)
+    each = sampler.generate(model, prompts, max_new_tokens=5, seed=2)
+    assert [r["completion_ids"] for r in shared] == [r["completion_ids"] for r in each]
+    for a, b in zip(shared, each):
+        torch.testing.assert_close(torch.tensor(a["logprobs"]), torch.tensor(b["logprobs"]), atol=2e-4, rtol=1e-4)
+        torch.testing.assert_close(torch.tensor(a["entropy"]), torch.tensor(b["entropy"]), atol=2e-4, rtol=1e-4)

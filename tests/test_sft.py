@@ -54,7 +54,8 @@ def test_all_masked_and_bf16():
 
 def test_sft_objective():
     logits, labels = _batch()
-    loss_sum, n, metrics = SFT()(logits, {"labels": labels})
+    loss_sum, normalizer, metrics = SFT()(logits, {"labels": labels})
     assert SFT.name == "sft"
-    assert torch.equal(loss_sum, masked_nll(logits, labels)[0]) and n.item() == 6
-    assert metrics["sft/n_tokens"].item() == 6.0 and not metrics["sft/nll_sum"].requires_grad
+    assert torch.equal(loss_sum, masked_nll(logits, labels)[0]) and normalizer == 6  # token-mean
+    nll_sum, n_tokens = metrics["sft/nll"]
+    assert n_tokens.item() == 6.0 and not nll_sum.requires_grad

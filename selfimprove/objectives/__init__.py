@@ -1,5 +1,16 @@
-"""Training objectives: map (logits, batch) to (loss_sum, n_tokens, metrics)."""
+"""Training objectives (contract 3): `objective(logits, batch) -> (loss_sum, normalizer, metrics)`."""
 
+from selfimprove.objectives.base import Mix, Objective
+from selfimprove.objectives.policy_gradient import PolicyGradient, clipped_surrogate, group_advantages, k3
 from selfimprove.objectives.sft import SFT, masked_nll
 
-__all__ = ["SFT", "masked_nll"]
+__all__ = [
+    "Mix",
+    "Objective",
+    "PolicyGradient",
+    "SFT",
+    "clipped_surrogate",
+    "group_advantages",
+    "k3",
+    "masked_nll",
+]

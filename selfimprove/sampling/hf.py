@@ -8,7 +8,7 @@ import copy
 from collections.abc import Iterator
 
 import torch
-from transformers import GenerationConfig, LogitsProcessor, LogitsProcessorList
+from transformers import GenerationConfig, LogitsProcessor, LogitsProcessorList, TopPLogitsWarper
 
 from selfimprove.verify.self_certainty import token_stats
 
@@ -41,12 +41,16 @@ class StatsRecorder(LogitsProcessor):
     Custom processors run after transformers' built-in processors but before the sampling warpers
     (temperature, top-p), and the sampler builds a GenerationConfig with no built-in processors (and
     keeps the model's saved generation defaults out: `neutral_generation_defaults`), so what this
-    sees is the model's own distribution. The sampled token's log-prob is only known at
-    the next step (or after generate returns, for the last one), so one step's log-probs are kept:
-    memory O(batch × vocab), not O(batch × length × vocab).
+    sees is the model's own distribution: self-certainty and entropy are the model's. The recorded
+    log-probs are those of the distribution that *sampled* — the logits divided by the temperature and
+    cut by top-p, as generate's warpers do next — since that is what an importance ratio divides by
+    (METHODS.md §13). The sampled token's log-prob is only known at the next step (or after generate
+    returns, for the last one), so one step's log-probs are kept: memory O(batch × vocab).
     """
 
-    def __init__(self) -> None:
+    def __init__(self, temperature: float = 1.0, top_p: float = 1.0) -> None:
+        self.temperature = temperature
+        self.top_p = TopPLogitsWarper(top_p) if top_p < 1.0 else None
         self.logprobs: list[torch.Tensor] = []
         self.self_certainty: list[torch.Tensor] = []
         self.entropy: list[torch.Tensor] = []
@@ -60,6 +64,11 @@ class StatsRecorder(LogitsProcessor):
         if self.self_certainty:  # from the second step on, the last token was sampled by us
             self._take(input_ids[:, -1])
         logp, sc, ent = token_stats(scores)
+        if self.temperature != 1.0 or self.top_p is not None:
+            sampled = scores.float() / self.temperature
+            if self.top_p is not None:
+                sampled = self.top_p(input_ids, sampled)
+            logp = torch.log_softmax(sampled, dim=-1)
         self._prev = logp
         self.self_certainty.append(sc)
         self.entropy.append(ent)
@@ -98,6 +107,32 @@ def neutral_generation_defaults(model: torch.nn.Module) -> Iterator[None]:
             m.generation_config = config
 
 
+def repeats(prompts: list[list[int]]) -> int:
+    """n when the prompts are each distinct prompt repeated n times in a row (how rounds sample), else 1."""
+    n = 1
+    while n < len(prompts) and prompts[n] == prompts[0]:
+        n += 1
+    if len(prompts) % n or any(prompts[i] != prompts[i - i % n] for i in range(len(prompts))):
+        return 1
+    return n
+
+
+@torch.no_grad()
+def shared_prompt_cache(model, input_ids: torch.Tensor, attention: torch.Tensor, n: int):
+    """The key/value cache of every prompt but its last token, computed once per distinct prompt and
+    repeated over its n samples; None when there is nothing to share (n = 1, one-token prompts).
+
+    A round's prompt (≈ 46 tokens) is far longer than its answer (6 tokens), so prefilling it once
+    instead of n times is most of sampling's cost. generate then runs only the last prompt token."""
+    if n == 1 or input_ids.shape[1] < 2:
+        return None
+    device = next(model.parameters()).device
+    distinct = forward_inputs(input_ids[::n, :-1], attention[::n, :-1], device)
+    cache = model(**distinct, use_cache=True, logits_to_keep=1).past_key_values
+    cache.batch_repeat_interleave(n)
+    return cache
+
+
 class HFSampler:
     """Builds prompts from chat messages and samples completions with transformers."""
 
@@ -131,7 +166,8 @@ class HFSampler:
         record: bool = True,
     ) -> list[dict]:
         """One completion per prompt (repeat a prompt to get several). Returns one dict per prompt:
-        completion_ids, completion text, and (if record) per-token logprobs/self_certainty/entropy.
+        completion_ids, completion text, and (if record) per-token logprobs (of the sampling
+        distribution: at this temperature and top-p), self_certainty and entropy (of the model's).
         """
         limit = getattr(model.config, "max_position_embeddings", None)
         if limit and max(len(p) for p in prompts) + max_new_tokens > limit:
@@ -149,12 +185,14 @@ class HFSampler:
             pad_token_id=pad,
             eos_token_id=self.tokenizer.eos_token_id,
         )
-        recorder = StatsRecorder() if record else None
+        recorder = StatsRecorder(*((1.0, 1.0) if greedy else (temperature, top_p))) if record else None
+        cache = shared_prompt_cache(model, input_ids, attention, repeats(prompts))
         torch.manual_seed(seed)
         with neutral_generation_defaults(model):
             out = model.generate(
                 input_ids=input_ids.to(device),
                 attention_mask=attention.to(device),
+                past_key_values=cache,
                 generation_config=gen_cfg,
                 logits_processor=LogitsProcessorList([recorder] if recorder else []),
             )

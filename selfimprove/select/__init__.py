@@ -2,9 +2,10 @@
 
 Each is built by ``hydra.utils.instantiate``, declares the columns it reads, and returns the rows to
 train on: a subset (best-of-N, threshold, vote), or curated rows plus real data (curation).
-Selecting nothing is legal and returns ``[]``; the loop decides what then.
+The RL selector (`GroupAdvantage`) keeps rows and adds their advantage. Selecting nothing is legal and returns ``[]``; the loop decides what then.
 """
 
+from selfimprove.select.advantage import GroupAdvantage, agreement
 from selfimprove.select.curation import Curation, curated_update, curation_probs, plackett_luce
 from selfimprove.select.filters import BestOfN, GroundTruthFilter, Threshold
 from selfimprove.select.vote import Borda, MajorityVote, borda_vote
@@ -14,7 +15,9 @@ __all__ = [
     "Borda",
     "Curation",
     "GroundTruthFilter",
+    "GroupAdvantage",
     "MajorityVote",
+    "agreement",
     "Threshold",
     "borda_vote",
     "curated_update",

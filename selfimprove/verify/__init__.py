@@ -5,17 +5,31 @@ from selfimprove.verify.ground_truth import GroundTruth
 from selfimprove.verify.loglik import SequenceLogLik
 from selfimprove.verify.majority import MajorityAgreement
 from selfimprove.verify.ptrue import PTrue
+from selfimprove.verify.reference import ReferenceLogprobs
 from selfimprove.verify.reward_model import RewardModel
+from selfimprove.verify.rewards import (
+    EMATeacher,
+    GradedReward,
+    MajorityVoteReward,
+    NegativeEntropy,
+    graded_reward,
+)
 from selfimprove.verify.self_certainty import SelfCertainty, response_logits, token_stats
 
 __all__ = [
     "Combined",
+    "EMATeacher",
+    "GradedReward",
     "GroundTruth",
     "MajorityAgreement",
+    "MajorityVoteReward",
+    "NegativeEntropy",
     "PTrue",
+    "ReferenceLogprobs",
     "RewardModel",
     "SelfCertainty",
     "SequenceLogLik",
+    "graded_reward",
     "response_logits",
     "token_stats",
 ]

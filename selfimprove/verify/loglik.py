@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from selfimprove.stages import Context, Scorer
+from selfimprove.verify.reference import attach_logprobs
 
 
 class SequenceLogLik(Scorer):
@@ -35,14 +36,8 @@ class SequenceLogLik(Scorer):
         return (self.column, "ref_logprobs") if self.source == "base" else (self.column,)
 
     def __call__(self, rows: list[dict], ctx: Context) -> list[dict]:
-        todo = [i for i, r in enumerate(rows) if self.key not in r]
-        if todo and self.source == "base":  # once per row, whichever base scorer asks first
-            lps = ctx.logprobs(
-                [rows[i]["prompt_ids"] for i in todo], [rows[i]["completion_ids"] for i in todo], "base"
-            )
-            rows = list(rows)
-            for i, lp in zip(todo, lps):
-                rows[i] = {**rows[i], "ref_logprobs": lp}
+        if self.source == "base":  # once per row, whichever base scorer (or the KL) asks first
+            rows = attach_logprobs(rows, ctx, "base")
         return super().__call__(rows, ctx)
 
     def score(self, rows: list[dict], ctx: Context | None = None) -> list[float]:

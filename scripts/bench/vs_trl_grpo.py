@@ -1,0 +1,307 @@
+"""trl's GRPOTrainer vs our `grpo_oracle` recipe: held-out accuracy against training wall-clock time.
+
+Both sides train the same model (the embedded SmolLM2-135M-Instruct; `--tiny`: the random test model)
+with the same LoRA (r16, alpha 32, q_proj/v_proj, our seeded init), on the default task's training
+prompts in order (`ArithmeticTask(level="add_2d_1d", seed=0, prefill=True).train_problem(i)`), built
+with the chat template + the task's prefill exactly as `HFSampler.encode` does (trl gets the text;
+the script checks it tokenizes to the same ids), 8 completions per prompt at temperature 1, at most
+6 new tokens, reward = the task's exact match (`task.is_correct`: 1.0 or 0.0, what our ground-truth
+verifier scores; `--partial-reward` gives trl `task.reward`'s partial credit instead).
+
+trl (a subprocess): GRPOTrainer, use_vllm=False, 8 prompts x 8 completions per step
+(per_device_train_batch_size=64, num_generations=8), beta=0 (trl's default), its default loss
+(loss_type="dapo", scale_rewards="group"), lr `--trl-lr`, constant (trl's default decays linearly to 0
+over max_steps), fp32 (trl's default: bf16), no gradient checkpointing (trl's default: on; ours: off),
+prompts unshuffled. trl's fused LM head, without Triton (CPU), scores every position, prompt included
+(one step: 15 s vs 1.7 s on the tiny model, 96 s vs 54 s embedded); the script makes it score only the
+completions, as on CUDA (bit-identical log-probs and gradients); `--trl-full-head`: trl as shipped.
+A callback evaluates before training and every `--trl-eval-steps` steps, clock paused, and stops
+training at the first step end past the budget.
+Ours (a subprocess, after trl's has exited: never both at once): `selfimprove train recipe=R
+eval.every=1 eval.k=0 loop.rounds=1000`; its training time is the running sum of each round's
+non-`evaluate` phase_seconds (sample, verify, select, update; checkpoint writes between phases are
+not counted); once it reaches the budget the run gets SIGTERM and stops cleanly in the next round.
+
+Evaluation, both sides: greedy accuracy on `--eval-problems` held-out problems (`task.eval_problems`),
+`HFSampler.generate(greedy=True, max_new_tokens=6)` in batches of 64, correct = `task.is_correct`
+(ours: the `eval/accuracy` key of each round's line in metrics.jsonl, which has `phase_seconds`).
+Reported: both curves (training seconds, accuracy), each side's final accuracy, the training time each
+first reached trl's final accuracy, and ratio = ours_time / trl_time (goal <= 0.5). Also writes
+vs_trl_grpo.json, vs_trl_grpo.png and both logs (trl.log, ours.log) to `--out`.
+
+Run:  HF_HUB_OFFLINE=1 .venv/bin/python scripts/bench/vs_trl_grpo.py [--budget-min 12]
+      [--eval-problems 300] [--recipe grpo_oracle] [--ours-override trainer.lr=1e-4 ...]
+      [--trl-arg loss_type=grpo ...] [--out runs/bench_vs_trl]
+Smoke test: OMP_NUM_THREADS=1 ... --tiny --recipe oracle_sft   (budget 0.3 min, 20 problems)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+Curve = list[tuple[float, float]]  # (training seconds, held-out greedy accuracy)
+EVAL_BATCH = 64  # = our eval.batch_size default
+
+
+def trl_worker(args: argparse.Namespace, result: Path) -> None:
+    """The trl side, run in its own process: train with GRPOTrainer, write the curve to `result`."""
+    import torch
+    from datasets import Dataset
+    from omegaconf import OmegaConf
+    from transformers import TrainerCallback
+    from trl import GRPOConfig, GRPOTrainer
+    from trl.trainer import utils as trl_utils
+
+    from selfimprove import distributed as dist
+    from selfimprove import models
+    from selfimprove.config import ModelConfig, TrainerConfig
+    from selfimprove.sampling.hf import HFSampler
+    from selfimprove.tasks import ArithmeticTask
+
+    if not args.trl_full_head:  # score only completion positions, as trl does where Triton runs (CUDA)
+        trl_utils._use_triton = lambda device: True  # its kernel module keeps its own check: torch tiles
+    model_cfg = OmegaConf.structured(ModelConfig(kind="tiny" if args.tiny else "embedded"))
+    tokenizer = models.load_tokenizer(model_cfg)
+    model = models.load_model(model_cfg)
+    torch.manual_seed(dist.derive_seed(0, "init"))  # the LoRA init our Engine draws for seed=0
+    model = models.add_lora(model, OmegaConf.structured(TrainerConfig(lora_r=16, lora_alpha=32)))
+    sampler, task = HFSampler(tokenizer), ArithmeticTask(level="add_2d_1d", seed=0, prefill=True)
+
+    budget_s = args.budget_min * 60
+    max_steps = int(budget_s * 10) + 10  # >= 0.1 s a step: never reached on this machine
+    problems = [task.train_problem(i) for i in range(8 * max_steps)]
+    texts = [
+        tokenizer.apply_chat_template(p.messages, add_generation_prompt=True, tokenize=False) + p.prefill
+        for p in problems
+    ]
+    # trl tokenizes text prompts with processing_class(text=prompts): the same ids as our sampler?
+    for p, text in zip(problems[:512], texts[:512]):
+        if tokenizer(text=[text])["input_ids"][0] != sampler.encode(p):
+            raise SystemExit(f"trl would tokenize {p.id} differently from HFSampler.encode: {text!r}")
+    dataset = Dataset.from_dict({"prompt": texts, "index": list(range(len(problems)))})
+    held_out = task.eval_problems(args.eval_problems)
+    held_ids = [sampler.encode(p) for p in held_out]
+
+    def exact_match(prompts: list, completions: list, index: list, **_: object) -> list[float]:
+        if args.partial_reward:
+            return [task.reward(c, problems[i]) for c, i in zip(completions, index)]
+        return [float(task.is_correct(c, problems[i])) for c, i in zip(completions, index)]
+
+    curve: list[tuple[float, float, int]] = []
+
+    class Clock(TrainerCallback):
+        """Training seconds with evaluation excluded; evaluates every K steps; stops at the budget."""
+
+        def __init__(self) -> None:
+            self.train_s, self.t0 = 0.0, 0.0
+
+        def evaluate(self, model: torch.nn.Module, step: int) -> None:
+            was_training = model.training
+            model.eval()
+            correct = 0
+            for s in range(0, len(held_out), EVAL_BATCH):
+                outs = sampler.generate(
+                    model, held_ids[s : s + EVAL_BATCH], greedy=True, max_new_tokens=6, record=False
+                )
+                correct += sum(task.is_correct(o["completion"], p) for o, p in zip(outs, held_out[s:]))
+            curve.append((self.train_s, correct / len(held_out), step))
+            print(f"[trl] step {step} train_s={self.train_s:.1f} accuracy={curve[-1][1]:.3f}", flush=True)
+            model.train(was_training)
+
+        def on_train_begin(
+            self, args_: object, state: object, control: object, model=None, **_: object
+        ) -> None:
+            self.evaluate(model, 0)
+            self.t0 = time.perf_counter()
+
+        def on_step_end(self, args_: object, state, control, model=None, **_: object) -> None:
+            self.train_s += time.perf_counter() - self.t0
+            done = self.train_s >= budget_s
+            if done or state.global_step % args.trl_eval_steps == 0:
+                self.evaluate(model, state.global_step)
+            control.should_training_stop = done
+            self.t0 = time.perf_counter()
+
+        def on_train_end(self, args_: object, state, control, model=None, **_: object) -> None:
+            if curve[-1][2] != state.global_step:  # ran out of max_steps before the budget
+                self.evaluate(model, state.global_step)
+
+    # per_device_train_batch_size counts completions, not prompts: 8 prompts x num_generations=8
+    settings: dict = dict(output_dir=str(result.parent / "trl_out"), per_device_train_batch_size=64)
+    settings |= dict(gradient_accumulation_steps=1, num_generations=8, max_completion_length=6, seed=0)
+    settings |= dict(temperature=1.0, top_p=1.0, top_k=0, learning_rate=args.trl_lr, beta=0.0)
+    settings |= dict(lr_scheduler_type="constant", use_vllm=False, max_steps=max_steps, shuffle_dataset=False)
+    settings |= dict(bf16=False, gradient_checkpointing=False, save_strategy="no", report_to=[])
+    settings |= dict(push_to_hub=False, logging_steps=10, disable_tqdm=True)
+    for item in args.trl_arg:
+        key, value = item.split("=", 1)
+        try:
+            settings[key] = json.loads(value)
+        except json.JSONDecodeError:
+            settings[key] = value
+    config = GRPOConfig(**settings)
+    trainer = GRPOTrainer(
+        model=model,
+        reward_funcs=exact_match,
+        args=config,
+        train_dataset=dataset,
+        processing_class=tokenizer,
+        callbacks=[Clock()],
+    )
+    trainer.train()
+    shown = ("loss_type", "scale_rewards", "beta", "epsilon", "num_iterations", "steps_per_generation")
+    result.write_text(
+        json.dumps({"curve": curve, "config": {k: getattr(config, k) for k in shown} | settings}, default=str)
+    )
+
+
+def run_trl(args: argparse.Namespace, out: Path, env: dict) -> tuple[Curve, dict]:
+    """The trl side in a subprocess (this script with --trl-worker); its log goes to out/trl.log."""
+    result = Path(tempfile.mkdtemp(prefix="vs-trl-")) / "trl.json"
+    cmd = [sys.executable, __file__, "--trl-worker", str(result), *sys.argv[1:]]
+    t = time.perf_counter()
+    with open(out / "trl.log", "w") as log:
+        rc = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, env=env).returncode
+    wall = time.perf_counter() - t
+    if rc != 0 or not result.exists():
+        sys.exit(f"trl side failed ({rc}):\n{(out / 'trl.log').read_text()[-4000:]}")
+    data = json.loads(result.read_text())
+    shutil.rmtree(result.parent, ignore_errors=True)
+    return [(s, a) for s, a, _ in data["curve"]], {"wall_s": wall, "steps": data["curve"][-1][2], **data}
+
+
+def run_ours(args: argparse.Namespace, out: Path, env: dict) -> tuple[Curve, dict]:
+    """Our loop in a subprocess, SIGTERM once its training seconds reach the budget."""
+    run_dir = Path(tempfile.mkdtemp(prefix="vs-trl-ours-")) / "run"
+    shared = [f"recipe={args.recipe}", f"eval.n_problems={args.eval_problems}", "eval.every=1", "eval.k=0"]
+    shared += ["eval.batch_size=64", "eval.max_new_tokens=6", "loop.rounds=1000"]
+    shared += ["model=tiny"] if args.tiny else []
+    merged = {o.split("=", 1)[0]: o for o in shared + args.ours_override}  # overrides win, by key
+    cmd = [sys.executable, "-m", "selfimprove", "train", *merged.values(), f"run.dir={run_dir}"]
+    print("$ " + " ".join(cmd[1:]), flush=True)
+    budget_s, curve, train_s, seen, stopped = args.budget_min * 60, [], 0.0, 0, False
+    metrics = run_dir / "metrics.jsonl"
+    t = time.perf_counter()
+    with open(out / "ours.log", "w") as log:
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
+        while proc.poll() is None or seen < len(_lines(metrics)):
+            for line in _lines(metrics)[seen:]:
+                seen += 1
+                row = json.loads(line)
+                if "phase_seconds" not in row:  # a per-step line
+                    continue
+                train_s += sum(v for k, v in row["phase_seconds"].items() if k != "evaluate")
+                if "eval/accuracy" in row:
+                    curve.append((train_s, row["eval/accuracy"]))
+                    print(f"[ours] round {row['round']} train_s={train_s:.1f} accuracy={curve[-1][1]:.3f}")
+            if train_s >= budget_s and not stopped and proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)  # the loop stops at its next check, cleanly
+                stopped = True
+            time.sleep(0.5)
+    wall = time.perf_counter() - t
+    if proc.returncode != 0 or not curve:
+        sys.exit(f"our side failed ({proc.returncode}):\n{(out / 'ours.log').read_text()[-4000:]}")
+    if args.keep:
+        print(f"our run dir kept: {run_dir}")
+    else:
+        shutil.rmtree(run_dir.parent, ignore_errors=True)
+    return curve, {"wall_s": wall, "overrides": list(merged.values()), "sigterm": stopped}
+
+
+def _lines(path: Path) -> list[str]:
+    """Complete lines only: the last one may be half written."""
+    if not path.exists():
+        return []
+    text = path.read_text()
+    return text[: text.rfind("\n") + 1].splitlines()
+
+
+def first_reach(curve: Curve, target: float) -> float | None:
+    """Training seconds of the first point at or above `target`; None if never."""
+    return next((s for s, a in curve if a >= target - 1e-12), None)
+
+
+def plot(curves: dict[str, Curve], target: float, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for name, curve in curves.items():
+        ax.plot([s / 60 for s, _ in curve], [a for _, a in curve], marker="o", ms=3, label=name)
+    ax.axhline(target, ls="--", c="gray", lw=1, label=f"trl final {target:.3f}")
+    ax.set(xlabel="training minutes (evaluation excluded)", ylabel="held-out greedy accuracy")
+    ax.legend()
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--budget-min", type=float, default=None, help="training minutes per side (12; tiny 0.3)")
+    ap.add_argument("--eval-problems", type=int, default=None, help="held-out problems (300; tiny 20)")
+    ap.add_argument("--recipe", default="grpo_oracle")
+    ap.add_argument("--ours-override", action="append", default=[], help="key=value for our side")
+    ap.add_argument("--trl-lr", type=float, default=1e-4)
+    ap.add_argument("--trl-eval-steps", type=int, default=10, help="trl: evaluate every K steps")
+    ap.add_argument("--trl-arg", action="append", default=[], help="GRPOConfig key=value (JSON value)")
+    ap.add_argument("--trl-full-head", action="store_true", help="trl untouched: CPU scores every position")
+    ap.add_argument("--partial-reward", action="store_true", help="trl: task.reward's partial credit")
+    ap.add_argument("--sides", default="trl,ours", help="which to run, in order (one at a time)")
+    ap.add_argument("--tiny", action="store_true", help="random tiny model, small budget: a smoke test")
+    ap.add_argument("--keep", action="store_true", help="keep our run dir")
+    ap.add_argument("--out", type=Path, default=Path("runs/bench_vs_trl"))
+    ap.add_argument("--trl-worker", type=Path, help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if not set(args.sides.split(",")) <= {"trl", "ours"}:
+        ap.error(f"--sides: {args.sides!r}, expected trl and/or ours, comma-separated")
+    args.budget_min = args.budget_min or (0.3 if args.tiny else 12.0)
+    args.eval_problems = args.eval_problems or (20 if args.tiny else 300)
+    if args.trl_worker:
+        return trl_worker(args, args.trl_worker)
+    args.out.mkdir(parents=True, exist_ok=True)
+    env = {**os.environ, "HF_HUB_OFFLINE": os.environ.get("HF_HUB_OFFLINE", "1")}
+    curves: dict[str, Curve] = {}
+    info: dict[str, dict] = {}
+    for side in args.sides.split(","):
+        print(f"--- {side}: {args.budget_min} min of training, {args.eval_problems} held-out", flush=True)
+        curves[side], info[side] = (run_trl if side == "trl" else run_ours)(args, args.out, env)
+    for side, curve in curves.items():
+        print(f"\n{side} (wall {info[side]['wall_s']:.0f} s incl. load and evaluation)\n  seconds  accuracy")
+        print("\n".join(f"  {s:7.1f}  {a:8.3f}" for s, a in curve))
+    target = curves["trl"][-1][1] if "trl" in curves else None
+    reach = {side: first_reach(c, target) for side, c in curves.items()} if target is not None else {}
+    ratio = None
+    if reach.get("ours") is not None and reach.get("trl"):
+        ratio = reach["ours"] / reach["trl"]
+    print()
+    for side, curve in curves.items():
+        when = "not reached" if reach.get(side) is None else f"{reach[side]:.1f} s"
+        when = f"; first reached trl's final: {when}" if target is not None else ""
+        print(f"{side:5s} final accuracy {curve[-1][1]:.3f}{when}")
+    if target is not None and "ours" in curves:
+        note = "" if reach["trl"] else " (trl's final accuracy was reached at 0 s: no ratio)"
+        shown = "n/a" if ratio is None else f"{ratio:.3f}"
+        print(f"ratio ours_time / trl_time to reach {target:.3f}: {shown} (goal <= 0.5){note}")
+    summary = {"args": {k: str(v) for k, v in vars(args).items()}, "curves": curves, "info": info}
+    summary |= {"target": target, "time_to_target": reach, "ratio": ratio}
+    (args.out / "vs_trl_grpo.json").write_text(json.dumps(summary, indent=1, default=str))
+    if target is not None:
+        plot(curves, target, args.out / "vs_trl_grpo.png")
+    print(f"wrote {args.out}/: vs_trl_grpo.json, .png (when trl ran) and each side's log")
+
+
+if __name__ == "__main__":
+    main()

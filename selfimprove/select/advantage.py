@@ -1,0 +1,107 @@
+"""The RL selector: a reward per sample (any score) becomes a group advantage per sample.
+
+Label-free rewards collapse onto a wrong consensus (METHODS.md §14); the cures that act on the
+prompts live here, as options: agreement gating (keep prompts whose majority share lies in a band:
+SRT's ≥ 0.6, EMPO's [0.3, 1.0]), and an easy-first curriculum (keep the most self-consistent
+fraction of the round's prompts). Agreement is the share of a prompt's samples giving its majority
+answer: a label-free measure of how sure the model is, which ranks prompts by difficulty.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+
+from selfimprove.metrics import votes
+from selfimprove.objectives.policy_gradient import ESTIMATORS, group_advantages
+from selfimprove.select.filters import by_prompt
+from selfimprove.stages import Context, Stage, score_of
+
+
+def agreement(answers: list) -> float:
+    """The majority answer's share of all samples (unanswered ones count against it); 0 if none."""
+    counts = votes(answers)
+    return max(counts.values()) / len(answers) if counts else 0.0
+
+
+def _finite(rewards: list[float]) -> list[float]:
+    """A non-finite reward (an empty completion's -inf log-likelihood) becomes the group's worst."""
+    finite = [r for r in rewards if math.isfinite(r)]
+    floor = min(finite) if finite else 0.0
+    return [r if math.isfinite(r) else floor for r in rewards]
+
+
+class GroupAdvantage(Stage):
+    """Rows with an `advantage` from `score/<reward>` grouped by prompt (grpo | drgrpo | rloo).
+
+    `min_agreement`/`max_agreement` drop prompts outside the band; `easiest_fraction` keeps that share
+    of the remaining prompts, most self-consistent first; `drop_zero` drops groups whose advantages are
+    all 0 (they would only add the KL term — and cost a forward/backward). `metrics` holds the last
+    call's reward and advantage statistics, logged with the round."""
+
+    name = "group_advantage"
+    writes = ("advantage",)
+
+    def __init__(
+        self,
+        reward: str,
+        estimator: str = "grpo",
+        min_agreement: float | None = None,
+        max_agreement: float | None = None,
+        easiest_fraction: float | None = None,
+        drop_zero: bool = True,
+    ) -> None:
+        if estimator not in ESTIMATORS:
+            raise ValueError(f"estimator: {estimator!r} is not one of {'|'.join(ESTIMATORS)}")
+        if easiest_fraction is not None and not 0 < easiest_fraction <= 1:
+            raise ValueError(f"easiest_fraction must be in (0, 1], got {easiest_fraction}")
+        self.reward, self.estimator = reward, estimator
+        self.min_agreement, self.max_agreement = min_agreement, max_agreement
+        self.easiest_fraction, self.drop_zero = easiest_fraction, drop_zero
+        self.reads = (f"score/{reward}", "answer")
+        self.metrics: dict = {}
+
+    def _gated(self, groups: dict[str, list[int]], rows: list[dict]) -> list[str]:
+        share = {p: agreement([rows[i]["answer"] for i in idx]) for p, idx in groups.items()}
+        kept = [
+            p
+            for p in groups
+            if (self.min_agreement is None or share[p] >= self.min_agreement)
+            and (self.max_agreement is None or share[p] <= self.max_agreement)
+        ]
+        if self.easiest_fraction is not None:
+            n = max(1, round(self.easiest_fraction * len(groups)))
+            kept = sorted(kept, key=lambda p: -share[p])[:n]  # stable: ties keep the round's order
+        self.metrics["agreement"] = statistics.fmean(share.values()) if share else None
+        return kept
+
+    def __call__(self, rows: list[dict], ctx: Context | None = None) -> list[dict]:
+        groups = by_prompt(rows)
+        self.metrics = {}
+        kept = set(self._gated(groups, rows))
+        out: list[tuple[int, dict]] = []
+        rewards, advantages, zero_groups = [], [], 0
+        for prompt, idx in groups.items():
+            if prompt not in kept:
+                continue
+            group_rewards = _finite([score_of(rows[i], self.reward) for i in idx])
+            group_adv = group_advantages(group_rewards, self.estimator)
+            rewards += group_rewards
+            zero = all(a == 0 for a in group_adv)
+            zero_groups += zero
+            if zero and self.drop_zero:
+                continue
+            advantages += group_adv
+            out += [(i, {**rows[i], "advantage": a}) for i, a in zip(idx, group_adv)]
+        n_kept = len(kept)
+        self.metrics.update(
+            {
+                "prompts_kept": n_kept / max(len(groups), 1),
+                "reward_mean": statistics.fmean(rewards) if rewards else None,
+                "reward_std": statistics.pstdev(rewards) if len(rewards) > 1 else None,
+                "zero_advantage_groups": zero_groups / n_kept if n_kept else None,
+                "advantage_mean": statistics.fmean(advantages) if advantages else None,
+                "advantage_abs_mean": statistics.fmean(abs(a) for a in advantages) if advantages else None,
+            }
+        )
+        return [row for _, row in sorted(out, key=lambda t: t[0])]
