@@ -77,6 +77,15 @@ def _my_micro_batches(micro: list) -> list[tuple[int, object, float]]:
     ]
 
 
+def _over_ranks(loss: float, bad: bool, sums: dict[str, tuple[float, float]]) -> tuple[float, float, dict]:
+    """One collective for the step: the summed loss, how many ranks saw a non-finite gradient, and
+    each objective metric's sum / count over every micro-batch of every rank."""
+    names = sorted(sums)  # every rank runs the same objective, so the same names
+    totals = dist.all_sum([loss, float(bad)] + [v for k in names for v in sums[k]])
+    means = {k: totals[2 + 2 * i] / max(totals[3 + 2 * i], 1e-12) for i, k in enumerate(names)}
+    return totals[0], totals[1], means
+
+
 def update(
     engine,
     objective,
@@ -128,11 +137,7 @@ def update(
                 old = sums.get(name, (0.0, 0.0))
                 sums[name] = (old[0] + float(total) * weight, old[1] + float(count) * weight)
         grad_norm = accelerator.clip_grad_norm_(trainable, cfg.max_grad_norm)
-        names = sorted(sums)
-        totals = dist.all_sum(
-            [loss_total, float(not math.isfinite(float(grad_norm)))] + [v for k in names for v in sums[k]]
-        )
-        loss_all, bad = totals[0], totals[1]
+        loss_all, bad, objective_means = _over_ranks(loss_total, not math.isfinite(float(grad_norm)), sums)
         skipped = bad > 0 or not math.isfinite(loss_all)
         if not skipped:  # a non-finite step would poison the weights, the EMA and every checkpoint
             optimizer.step()
@@ -144,7 +149,7 @@ def update(
             "train/lr": scheduler.get_last_lr()[0],
             "train/examples": len(chosen),
             "train/tokens": n_tokens,
-            **{k: totals[2 + 2 * i] / max(totals[3 + 2 * i], 1e-12) for i, k in enumerate(names)},
+            **objective_means,
         }
         if skipped:
             metrics["train/skipped_nonfinite"] = True

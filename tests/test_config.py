@@ -1,6 +1,7 @@
 """Config errors are caught before any model loads and name the key; recipes compose."""
 
 import json
+from pathlib import Path
 
 import pytest
 from conftest import TINY, run_cli
@@ -19,7 +20,7 @@ def cfg_of(*overrides):
         return compose("config", overrides=list(overrides))
 
 
-@pytest.mark.parametrize("recipe", ["quickstart", "sharpen_sft", "oracle_sft", "consistency_sft"])
+@pytest.mark.parametrize("recipe", sorted(p.stem for p in (Path(CONFIG_DIR) / "recipe").glob("*.yaml")))
 def test_recipes_compose_and_validate(recipe):
     cfg = cfg_of(f"recipe={recipe}", "model=tiny")
     validate_targets(cfg)
@@ -61,6 +62,23 @@ def test_selector_score_must_come_from_a_verifier():
         ConfigError, match=r"selector 'best_of_n' reads \['score/p_true'\], which no verifier"
     ):
         validate_targets(cfg)
+
+
+def test_an_objective_reading_an_unwritten_column_fails_at_config_time():
+    cfg = cfg_of("recipe=grpo_oracle", "objective.beta=0.1")  # a KL to the base, nothing computes it
+    with pytest.raises(ConfigError, match=r"objective 'pg' reads \['ref_logprobs'\]"):
+        validate_targets(cfg)
+    validate_targets(
+        cfg_of("recipe=grpo_oracle", "objective.beta=0.1", "+verifier@verifiers.ref=reference_base")
+    )
+    validate_targets(cfg_of("recipe=sharpen_rl"))  # its base-likelihood reward writes them
+    from selfimprove.objectives import PolicyGradient
+    from selfimprove.select import BestOfN
+    from selfimprove.stages import check_columns
+    from selfimprove.verify import GroundTruth
+
+    with pytest.raises(ValueError, match=r"objective 'pg' reads \['advantage'\]"):  # SFT's selector
+        check_columns([GroundTruth()], BestOfN(score="correct"), PolicyGradient())
 
 
 def test_a_stage_reading_an_unwritten_score_fails_naming_both_before_any_model_loads(tmp_path):

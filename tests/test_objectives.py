@@ -182,3 +182,18 @@ def test_group_advantage_gates_and_orders_prompts_by_agreement():
     assert stage.metrics["zero_advantage_groups"] == pytest.approx(1 / 3)
     rows[0]["score/r"] = -math.inf  # an empty completion's log-likelihood: the group's worst, not nan
     assert all(math.isfinite(r["advantage"]) for r in GroupAdvantage("r")(rows))
+
+
+def test_surprisal_rewards_answers_other_prompts_do_not_give():
+    from selfimprove.select.advantage import cross_prompt_surprisal
+    from selfimprove.select.filters import by_prompt
+
+    # prompt 0's "11" is also prompt 1's answer (prompt-independent), its "56" belongs to it alone
+    rows = _rows([[56, 11, 11, None], [11, 11, 12, 11]], [[0, 0, 0, 0], [0, 0, 0, 0]])
+    surprisal = cross_prompt_surprisal(rows, by_prompt(rows))
+    assert surprisal[0] == pytest.approx(math.log(5 / 1))  # none of the 4 other samples say 56
+    assert surprisal[1] == pytest.approx(math.log(5 / 4))  # 3 of them say 11
+    assert surprisal[3] == 0.0 and surprisal[6] == pytest.approx(math.log(5 / 1))
+    stage = GroupAdvantage("r", surprisal_weight=1.0)
+    kept = {(r["prompt_id"], r["sample_idx"]): r["advantage"] for r in stage(rows)}
+    assert kept[(0, 0)] > kept[(0, 1)] > kept[(0, 3)]

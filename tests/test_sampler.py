@@ -156,5 +156,9 @@ def test_repeated_prompts_share_one_prefill_and_sample_the_same(tiny, monkeypatc
     each = sampler.generate(model, prompts, max_new_tokens=5, seed=2)
     assert [r["completion_ids"] for r in shared] == [r["completion_ids"] for r in each]
     for a, b in zip(shared, each):
-        torch.testing.assert_close(torch.tensor(a["logprobs"]), torch.tensor(b["logprobs"]), atol=2e-4, rtol=1e-4)
-        torch.testing.assert_close(torch.tensor(a["entropy"]), torch.tensor(b["entropy"]), atol=2e-4, rtol=1e-4)
+        torch.testing.assert_close(
+            torch.tensor(a["logprobs"]), torch.tensor(b["logprobs"]), atol=2e-4, rtol=1e-4
+        )
+        torch.testing.assert_close(
+            torch.tensor(a["entropy"]), torch.tensor(b["entropy"]), atol=2e-4, rtol=1e-4
+        )

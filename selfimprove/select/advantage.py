@@ -24,6 +24,21 @@ def agreement(answers: list) -> float:
     return max(counts.values()) / len(answers) if counts else 0.0
 
 
+def cross_prompt_surprisal(rows: list[dict], groups: dict[str, list[int]]) -> list[float]:
+    """log((M + 1)/(c + 1)) per row: c of the M samples of the other prompts give this row's answer
+    (0 for a row without an answer: no bonus)."""
+    everywhere = votes([r["answer"] for r in rows])
+    out = [0.0] * len(rows)
+    for idx in groups.values():
+        here = votes([rows[i]["answer"] for i in idx])
+        others = len(rows) - len(idx)
+        for i in idx:
+            answer = rows[i]["answer"]
+            if answer is not None:
+                out[i] = math.log((others + 1) / (everywhere[answer] - here[answer] + 1))
+    return out
+
+
 def _finite(rewards: list[float]) -> list[float]:
     """A non-finite reward (an empty completion's -inf log-likelihood) becomes the group's worst."""
     finite = [r for r in rewards if math.isfinite(r)]
@@ -33,6 +48,12 @@ def _finite(rewards: list[float]) -> list[float]:
 
 class GroupAdvantage(Stage):
     """Rows with an `advantage` from `score/<reward>` grouped by prompt (grpo | drgrpo | rloo).
+
+    `surprisal_weight` λ adds λ·log((M + 1)/(c + 1)) to a sample's reward, c the number of the *other*
+    prompts' M samples giving the same answer: an answer many prompts share is one that does not depend
+    on its prompt. Agreement rewards alone collapse onto such prompt-independent answers (SRT; here:
+    the digit sums of a wrong algorithm); this is the diversity half of information maximisation
+    (SHOT, Liang et al. 2020: minimise entropy within an input, maximise it across inputs).
 
     `min_agreement`/`max_agreement` drop prompts outside the band; `easiest_fraction` keeps that share
     of the remaining prompts, most self-consistent first; `drop_zero` drops groups whose advantages are
@@ -50,6 +71,7 @@ class GroupAdvantage(Stage):
         max_agreement: float | None = None,
         easiest_fraction: float | None = None,
         drop_zero: bool = True,
+        surprisal_weight: float = 0.0,
     ) -> None:
         if estimator not in ESTIMATORS:
             raise ValueError(f"estimator: {estimator!r} is not one of {'|'.join(ESTIMATORS)}")
@@ -58,6 +80,7 @@ class GroupAdvantage(Stage):
         self.reward, self.estimator = reward, estimator
         self.min_agreement, self.max_agreement = min_agreement, max_agreement
         self.easiest_fraction, self.drop_zero = easiest_fraction, drop_zero
+        self.surprisal_weight = surprisal_weight
         self.reads = (f"score/{reward}", "answer")
         self.metrics: dict = {}
 
@@ -81,10 +104,12 @@ class GroupAdvantage(Stage):
         kept = set(self._gated(groups, rows))
         out: list[tuple[int, dict]] = []
         rewards, advantages, zero_groups = [], [], 0
+        surprisal = cross_prompt_surprisal(rows, groups) if self.surprisal_weight else [0.0] * len(rows)
         for prompt, idx in groups.items():
             if prompt not in kept:
                 continue
             group_rewards = _finite([score_of(rows[i], self.reward) for i in idx])
+            group_rewards = [r + self.surprisal_weight * surprisal[i] for r, i in zip(group_rewards, idx)]
             group_adv = group_advantages(group_rewards, self.estimator)
             rewards += group_rewards
             zero = all(a == 0 for a in group_adv)
