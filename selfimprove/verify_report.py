@@ -29,6 +29,13 @@ from selfimprove.compose import CONFIG_DIR, one_line_errors, pop_option, split_a
 from selfimprove.sample import Session, open_session, session_options, write_rows
 
 LABELS = ("ground_truth",)  # the label the scores are compared against: never one of the scorers
+# left out unless named: why (not a score; uses the labels; needs a run's state)
+NOT_BY_DEFAULT = {
+    "graded": "uses the labels (RandomCalculation's partial credit)",
+    "reference_base": "not a score (per-token log-probs for a KL)",
+    "reference_ema": "not a score (per-token log-probs for a KL)",
+    "ema_teacher": "needs a run's EMA weights (ema.enabled=true)",
+}
 # maj@k on the curve: exact over every k-subset when there are at most this many, else this many
 # subsets drawn with a fixed seed per prompt
 MAJORITY_DRAWS = 64
@@ -47,8 +54,8 @@ def verifier_configs(requested: str | None, overrides: list[str]) -> tuple[DictC
     """The verifier configs to report on (composed by Hydra like a recipe's `/verifier@verifiers.NAME`,
     with the user's `verifiers.*` overrides) and the ones left out by default, with why.
 
-    By default every config except the label (`ground_truth`) and those with a required `???` value
-    still unset; named in `verifiers=`, a config must be complete (its missing key is the error)."""
+    By default every config except the label (`ground_truth`), those in `NOT_BY_DEFAULT` and those
+    with a required `???` value still unset; named in `verifiers=`, a config must be complete (its missing key is the error)."""
     from hydra import compose, initialize_config_dir
 
     from selfimprove.config import ConfigError
@@ -61,7 +68,7 @@ def verifier_configs(requested: str | None, overrides: list[str]) -> tuple[DictC
             what = f"no verifier config named {unknown[0]!r}" if unknown else "name at least one"
             raise ConfigError(f"verifiers: {what} (available: {', '.join(names)})")
     else:
-        chosen = [n for n in names if n not in LABELS]
+        chosen = [n for n in names if n not in LABELS and n not in NOT_BY_DEFAULT]
     with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
         cfg = compose(
             config_name=None, overrides=[f"+verifier@verifiers.{n}={n}" for n in chosen] + overrides
@@ -80,6 +87,8 @@ def verifier_configs(requested: str | None, overrides: list[str]) -> tuple[DictC
     for label in LABELS:
         if requested is None and label in names:
             skipped[label] = "the label the scores are compared against"
+    if requested is None:
+        skipped.update({n: why for n, why in NOT_BY_DEFAULT.items() if n in names})
     return cfg, skipped
 
 
@@ -359,7 +368,7 @@ def main(argv: list[str]) -> None:
         "with each verifier config, compare with the task's checker; a JSON and a Markdown report and plots.",
         epilog=(
             "options (key=value): out=DIR (required), prompts=100, verifiers=NAME,NAME "
-            "(configs/verifier/*.yaml; default: all but ground_truth and those with an unset ??? value), "
+            "(configs/verifier/*.yaml; default: all but ground_truth, graded, reference_*, ema_teacher and those with an unset ??? value), "
             "split=eval|train, weights=raw|ema; verifiers.NAME.KEY=VALUE sets a verifier's option "
             "(verifiers.reward_model.path=DIR); any other key=value overrides the model's config, e.g. "
             "sampler.n=8 task=jsonl task.path=problems.jsonl. Without RUN_DIR the config is composed as for "

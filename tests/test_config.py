@@ -106,8 +106,8 @@ def test_resume_diff_ignores_safe_changes():
     a = cfg_of("model=tiny")
     b = cfg_of("model=tiny", "loop.rounds=20", "logger=tensorboard", "eval.n_problems=50")
     assert resume_diff(a, b) == []
-    c = cfg_of("model=tiny", "sampler.temperature=0.7")
-    assert resume_diff(a, c) == ["  sampler.temperature: 1.0 -> 0.7"]
+    c = cfg_of("model=tiny", "sampler.temperature=0.7")  # the default RL objective trains at it too
+    assert resume_diff(a, c) == ["  objective.temperature: 1.0 -> 0.7", "  sampler.temperature: 1.0 -> 0.7"]
 
 
 def test_cli_typo_fails_fast_with_key(tmp_path):

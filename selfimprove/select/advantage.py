@@ -3,8 +3,9 @@
 Label-free rewards collapse onto a wrong consensus (METHODS.md §14); the cures that act on the
 prompts live here, as options: agreement gating (keep prompts whose majority share lies in a band:
 SRT's ≥ 0.6, EMPO's [0.3, 1.0]), and an easy-first curriculum (keep the most self-consistent
-fraction of the round's prompts). Agreement is the share of a prompt's samples giving its majority
-answer: a label-free measure of how sure the model is, which ranks prompts by difficulty.
+fraction of the round's prompts), and a bonus for answers the other prompts do not give (the cure
+that worked on the default task: `recipes/label_free.yaml`). Agreement is the share of a prompt's
+samples giving its majority answer: a label-free measure of how sure the model is.
 """
 
 from __future__ import annotations
