@@ -28,13 +28,15 @@ TOKEN_COLUMNS = {
     "ema_logprobs": "ema_logprobs",
     "advantage": "advantages",
 }
+# row column -> batch key, for the per-sequence numbers collate stacks when every example has them
+ROW_COLUMNS = {"weight": "weights", "turn": "turns", "rep_len": "rep_lens"}
 
 
 def collate(examples: list[dict], pad: int) -> dict[str, torch.Tensor]:
     """Left-padded input ids and attention mask; labels that are -100 except on completions; and every
     token-aligned column all the examples carry (old and reference log-probs, advantages — a scalar
     advantage is spread over its sequence's tokens), shaped like labels, 0 off the completions; and
-    per-sequence `weights` when the rows have a `weight`."""
+    per-sequence numbers (`weights`, `turns`, `rep_lens`) when every row has the column."""
     input_ids, attention = left_pad([e["prompt_ids"] + e["completion_ids"] for e in examples], pad)
     width = input_ids.shape[1]
     labels = torch.full_like(input_ids, -100)
@@ -53,8 +55,9 @@ def collate(examples: list[dict], pad: int) -> dict[str, torch.Tensor]:
                 raise ValueError(f"{column}: {len(per_token)} values for {n} completion tokens")
             values[i, width - n :] = torch.tensor(per_token, dtype=torch.float32)
         batch[key] = values
-    if all(e.get("weight") is not None for e in examples):
-        batch["weights"] = torch.tensor([float(e["weight"]) for e in examples])
+    for column, key in ROW_COLUMNS.items():
+        if all(e.get(column) is not None for e in examples):
+            batch[key] = torch.tensor([float(e[column]) for e in examples])
     return batch
 
 
@@ -110,7 +113,9 @@ def update(
     trainable = [p for p in model.parameters() if p.requires_grad]
     model.train()
     for step in range(start_step, cfg.steps_per_round):
-        chosen = [examples[i] for i in step_batch(len(examples), batch_size, seed_of_step(step))]
+        # an objective may train on a per-step view of the rows (DITTO: its sequences or MLE, by a coin)
+        pool = objective.step_examples(examples, seed_of_step(step, "objective"))
+        chosen = [pool[i] for i in step_batch(len(pool), batch_size, seed_of_step(step))]
         batches = [
             collate(chosen[i : i + cfg.micro_batch_size], engine.pad)
             for i in range(0, len(chosen), cfg.micro_batch_size)

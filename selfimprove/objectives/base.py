@@ -41,6 +41,11 @@ class Objective:
             raise ValueError(f"temperature must be > 0, got {temperature}")
         self.normalize, self.constant_length, self.temperature = normalize, constant_length, temperature
 
+    def step_examples(self, examples: list[dict], seed: int) -> list[dict]:
+        """The rows one optimizer step draws its batch from (all of them; DITTO picks a view by a coin
+        seeded per step, so a resumed run draws the same)."""
+        return examples
+
     def token_logprobs(self, logits: Tensor, batch: dict) -> tuple[Tensor, Tensor]:
         """(log π(y_t) at the training temperature for every completion token [N], mask [B, T-1]).
 

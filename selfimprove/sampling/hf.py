@@ -141,9 +141,13 @@ class HFSampler:
         self.max_prompt_tokens = max_prompt_tokens
 
     def encode(self, problem) -> list[int]:
-        text = self.tokenizer.apply_chat_template(
-            problem.messages, add_generation_prompt=True, tokenize=False
-        )
+        """The chat template with the assistant turn started by the prefill; a problem without messages
+        (open-ended text) is its prefill alone, as a language model continues it."""
+        text = ""
+        if problem.messages:
+            text = self.tokenizer.apply_chat_template(
+                problem.messages, add_generation_prompt=True, tokenize=False
+            )
         ids = self.tokenizer(text + problem.prefill, add_special_tokens=False)["input_ids"]
         if len(ids) > self.max_prompt_tokens:
             raise ValueError(
