@@ -125,6 +125,9 @@ class Config:
     verifiers: dict[str, Any] = field(default_factory=dict)
     selector: Any = None
     objective: Any = None
+    rollout: Any = None
+    # stages and objective per range of rounds: [{name, until_round, verifiers/selector/objective: {...}}]
+    schedule: list[Any] = field(default_factory=list)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     ema: EMAConfig = field(default_factory=EMAConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
@@ -207,6 +210,12 @@ def validate_targets(cfg: DictConfig) -> None:
         if not isinstance(container.get(group), dict) or "_target_" not in container[group]:
             raise ConfigError(f"{group}: missing (choose one with {group}=NAME)")
     check_stage_columns(container)
+    for entry in schedule(cfg):  # every stage of a schedule is checked like the base config
+        scheduled = OmegaConf.to_container(entry.cfg, resolve=True)
+        for group in SCHEDULED:
+            if group in entry.overrides:
+                walk(f"schedule.{entry.name}.{group}", scheduled[group])
+        check_stage_columns(scheduled)
     if cfg.sampler.backend != "hf":
         raise ConfigError(
             f"sampler.backend: {cfg.sampler.backend!r} is not available; this version samples with 'hf' "
@@ -224,6 +233,57 @@ def validate_targets(cfg: DictConfig) -> None:
             raise ConfigError(f"ema.evaluate: {which!r} is not raw|ema")
     if (cfg.ema.sample_from == "ema" or "ema" in cfg.ema.evaluate) and not cfg.ema.enabled:
         raise ConfigError("ema.sample_from/ema.evaluate use 'ema' but ema.enabled is false")
+
+
+SCHEDULED = ("verifiers", "selector", "objective")
+
+
+@dataclass
+class ScheduleEntry:
+    index: int
+    name: str
+    until_round: int | None  # None: to the last round
+    overrides: dict
+    cfg: DictConfig  # the run's config with this entry's overrides merged in
+
+
+def schedule(cfg: DictConfig) -> list[ScheduleEntry]:
+    """The recipe's `schedule`, each entry's stages and objective merged over the run's (SCoRe's Stage
+    I then II); a ConfigError names a bad key. Empty: the same parts every round."""
+    entries: list[ScheduleEntry] = []
+    previous = 0
+    items = list(cfg.get("schedule") or [])
+    for i, item in enumerate(items):
+        item = OmegaConf.to_container(item, resolve=False)
+        where = f"schedule[{i}]"
+        if not isinstance(item, dict) or "name" not in item:
+            raise ConfigError(f"{where}: an entry is a mapping with a name, until_round and parts to change")
+        unknown = sorted(set(item) - {"name", "until_round", *SCHEDULED})
+        if unknown:
+            raise ConfigError(
+                f"{where}.{unknown[0]}: not schedulable (an entry sets name, until_round, {SCHEDULED})"
+            )
+        until = item.get("until_round")
+        last = i == len(items) - 1
+        if (until is None) != last or (until is not None and until <= previous):
+            raise ConfigError(
+                f"{where}.until_round: {until!r}; each entry but the last ends at a round after the previous "
+                "entry's, and the last has until_round: null (to the end)"
+            )
+        previous = until or previous
+        overrides = {k: item[k] for k in SCHEDULED if k in item}
+        try:  # the run's config is in struct mode: an entry can only set keys its parts have
+            merged = OmegaConf.merge(cfg, overrides)
+        except Exception as e:
+            key = getattr(e, "full_key", "") or ""
+            raise ConfigError(f"{where}.{key}: {str(e).splitlines()[0]}") from None
+        entries.append(ScheduleEntry(i, str(item["name"]), until, overrides, merged))
+    return entries
+
+
+def scheduled(entries: list[ScheduleEntry], round_: int) -> ScheduleEntry | None:
+    """The entry covering `round_` (None without a schedule)."""
+    return next((e for e in entries if e.until_round is None or round_ <= e.until_round), None)
 
 
 def _check_model(cfg: DictConfig) -> None:
@@ -260,8 +320,9 @@ def check_stage_columns(container: dict) -> None:
     scorers = [_build(f"verifiers.{k}", v, instantiate) for k, v in container.get("verifiers", {}).items()]
     selector = _build("selector", container["selector"], instantiate)
     objective = _build("objective", container["objective"], instantiate)
+    rollout = _build("rollout", container["rollout"], instantiate) if container.get("rollout") else None
     try:
-        check_columns(scorers, selector, objective)
+        check_columns(scorers, selector, objective, getattr(rollout, "writes", ()))
     except ValueError as e:
         raise ConfigError(str(e)) from None
 

@@ -18,6 +18,7 @@ from omegaconf import DictConfig, OmegaConf
 from selfimprove import distributed as dist
 from selfimprove import phases
 from selfimprove.metrics import eval_summary
+from selfimprove.rollout import OneTurn
 
 
 def eval_key(cfg: DictConfig) -> str:
@@ -27,10 +28,18 @@ def eval_key(cfg: DictConfig) -> str:
         "eval": OmegaConf.to_container(cfg.eval, resolve=True),
         "seed": cfg.seed,
         "max_prompt_tokens": cfg.sampler.max_prompt_tokens,
+        "rollout": OmegaConf.to_container(cfg.rollout, resolve=True) if cfg.get("rollout") else None,
     }
     for key in ("every", "k_every_round", "before"):  # when, not what (batch_size sets the units' seeds)
         parts["eval"].pop(key, None)
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:10]
+
+
+def build_rollout(cfg: DictConfig) -> OneTurn:
+    """The configured rollout (a run saved before rollouts were configurable: one turn)."""
+    from hydra.utils import instantiate
+
+    return instantiate(cfg.rollout) if cfg.get("rollout") else OneTurn()
 
 
 def evaluate(
@@ -54,6 +63,7 @@ def evaluate(
         timer={},
         should_stop=should_stop,
         fault=fault,
+        rollout=build_rollout(cfg),
     )
     gen = dict(max_new_tokens=cfg.eval.max_new_tokens, record=False)
     for which in cfg.ema.evaluate:

@@ -21,7 +21,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from selfimprove import checkpoint, faults, phases
 from selfimprove import distributed as dist
-from selfimprove.config import ConfigError, build_stages, check_trainable, resume_diff
+from selfimprove.config import ConfigError, build_stages, check_trainable, resume_diff, schedule, scheduled
 from selfimprove.engine import Engine
 from selfimprove.evaluate import evaluate, select_round
 from selfimprove.logging import MetricsLogger, progress, trim_metrics
@@ -62,11 +62,28 @@ def prepare_run_dir(cfg: DictConfig) -> Path:
 
 
 @dataclass
+class Parts:
+    """What verifies, selects and trains in a round: the same every round, or per schedule entry."""
+
+    scorers: list
+    selector: object
+    objective: object
+
+
+def build_parts(cfg: DictConfig, task) -> Parts:
+    nodes = {f"verifiers.{k}": v for k, v in cfg.verifiers.items()}
+    stages = build_stages({**nodes, "selector": cfg.selector}, task)
+    selector = stages.pop("selector")
+    return Parts(order_stages(list(stages.values())), selector, instantiate(cfg.objective))
+
+
+@dataclass
 class Round:
-    """What one round's phases share: where they write, and what they measured."""
+    """What one round's phases share: where they write, and what they measured, and its parts."""
 
     number: int
     folder: Path
+    parts: Parts
     record: dict = field(default_factory=dict)
     seconds: dict = field(default_factory=dict)  # wall time per phase
     compute: dict = field(default_factory=dict)  # time inside generate / scoring forward / update
@@ -90,14 +107,18 @@ class Loop:
             self.task.eval_problems(cfg.eval.n_problems)
         except ValueError as e:
             raise ConfigError(f"eval.n_problems={cfg.eval.n_problems}: {e}") from None
-        # checked against the task before the run folder too
-        nodes = {f"verifiers.{k}": v for k, v in cfg.verifiers.items()}
-        stages = build_stages({**nodes, "selector": cfg.selector}, self.task)
-        self.selector = stages.pop("selector")
-        self.scorers = order_stages(list(stages.values()))
-        self.objective = instantiate(cfg.objective)
+        # checked against the task before the run folder too: the parts of every stage of the schedule
+        self.schedule = schedule(cfg)
+        self.parts = {e.index: build_parts(e.cfg, self.task) for e in self.schedule} or {
+            None: build_parts(cfg, self.task)
+        }
+        self.rollout = instantiate(cfg.rollout)
+        try:
+            self.rollout.check(self.task)
+        except ValueError as e:
+            raise ConfigError(f"rollout: {e}") from None
         self.run_dir = prepare_run_dir(cfg)
-        needs_base = any(s.needs_reference for s in (*self.scorers, self.selector))
+        needs_base = any(s.needs_reference for p in self.parts.values() for s in (*p.scorers, p.selector))
         self.engine = Engine(cfg, train=True, reference=needs_base)
         self.journal = {"round": 0, "phase": "evaluate", "update_step": 0, "global_step": 0}
         if cfg.resume == "auto" and (found := self.engine.restore(self.run_dir)) is not None:
@@ -123,6 +144,7 @@ class Loop:
                 problems,
                 engine=self.engine,
                 task=self.task,
+                rollout=self.rollout,
                 n=cfg.sampler.n,
                 batch_size=cfg.sampler.batch_size,
                 gen=phases.generation_options(cfg.sampler),
@@ -149,7 +171,7 @@ class Loop:
                 r.folder / "samples",
                 r.folder / "scored",
                 phases.n_units(cfg.loop.prompts_per_round, cfg.sampler.n, cfg.sampler.batch_size),
-                scorers=self.scorers,
+                scorers=r.parts.scorers,
                 context_of_unit=lambda u: self.context(r, "verify", u),
                 should_stop=should_stop,
                 fault=f"verify:r{r.number}",
@@ -158,11 +180,11 @@ class Loop:
     def select(self, r: Round, rows: list[dict]) -> list[dict]:
         """Scored samples -> training examples (the same result on every rank)."""
         with r.phase("select"):
-            examples = self.selector(rows, self.context(r, "select"))
-            r.record.update(
-                summarize_round(rows, examples, [s.name for s in self.scorers if isinstance(s, Scorer)])
-            )
-            r.record.update({f"select/{k}": v for k, v in getattr(self.selector, "metrics", {}).items()})
+            selector = r.parts.selector
+            examples = selector(rows, self.context(r, "select"))
+            scored = [s.name for s in r.parts.scorers if isinstance(s, Scorer)]
+            r.record.update(summarize_round(rows, examples, scored))
+            r.record.update({f"select/{k}": v for k, v in getattr(selector, "metrics", {}).items()})
         faults.point(f"phase:r{r.number}:select")
         return examples
 
@@ -193,7 +215,7 @@ class Loop:
         with r.phase("update"):
             update(
                 self.engine,
-                self.objective,
+                r.parts.objective,
                 examples,
                 cfg=cfg.trainer,
                 seed_of_step=lambda *parts: dist.derive_seed(cfg.seed, r.number, "train", *parts),
@@ -226,6 +248,14 @@ class Loop:
         r.record.update(metrics)
         return True
 
+    def round(self, number: int) -> Round:
+        entry = scheduled(self.schedule, number)
+        r = Round(number, self.run_dir / "rounds" / f"r{number:04d}", self.parts[entry and entry.index])
+        r.record["round"] = number
+        if entry is not None and number > 0:
+            r.record["schedule/stage"] = entry.index + 1  # e.g. SCoRe's Stage I (1) and II (2)
+        return r
+
     # ----- the loop -----
     def train_round(self, r: Round) -> bool:
         """sample → verify → select → update, then a checkpoint; False if stopped by a signal."""
@@ -249,7 +279,7 @@ class Loop:
         cfg, journal = self.cfg, self.journal
         last: dict = {}
         for number in range(journal["round"], cfg.loop.rounds + 1):
-            r = Round(number, self.run_dir / "rounds" / f"r{number:04d}", {"round": number})
+            r = self.round(number)
             trained = journal["round"] == number and journal["phase"] == "evaluate"
             if number > 0 and not trained:
                 if not self.train_round(r):

@@ -141,6 +141,7 @@ def summarize_round(rows: list[dict], examples: list[dict], scorer_names: list[s
         "select/n_real": len(examples) - len(policy),
         "select/accuracy": accuracy([e["correct"] for e in policy]) if policy else None,
     }
+    out.update({f"sample/{k}": v for k, v in self_correction(rows).items()})  # two-attempt episodes
     if rows and all("ref_logprobs" in r for r in rows):
         out["sample/kl_to_base"] = sum(sum(r["logprobs"]) - sum(r["ref_logprobs"]) for r in rows) / len(rows)
     for name in scorer_names:
@@ -152,8 +153,10 @@ def summarize_round(rows: list[dict], examples: list[dict], scorer_names: list[s
 
 
 def eval_summary(greedy: list[dict], sampled: list[dict], k: int) -> dict[str, float]:
-    """Held-out metrics: greedy accuracy, and pass@k / maj@k from k samples per problem."""
-    out = {"accuracy": accuracy([r["correct"] for r in greedy])}
+    """Held-out metrics: greedy accuracy, and pass@k / maj@k from k samples per problem, of the final
+    attempts; and the self-correction metrics of two-attempt episodes."""
+    out = {"accuracy": accuracy([r["correct"] for r in final_turn(greedy)]), **self_correction(greedy)}
+    sampled = final_turn(sampled)
     if sampled:
         groups: dict[str, list] = {}
         for r in sampled:
@@ -262,3 +265,43 @@ def reliability_bins(probs: Sequence[float], labels: Sequence[bool], bins: int =
         }
         for b, m in enumerate(members)
     ]
+
+
+# --- two-attempt episodes (SCoRe) ----------------------------------------------------------------
+
+
+def edit_distance(a: str, b: str) -> int:
+    """Levenshtein distance in characters."""
+    previous = list(range(len(b) + 1))
+    for i, ca in enumerate(a, 1):
+        current = [i]
+        for j, cb in enumerate(b, 1):
+            current.append(min(previous[j] + 1, current[j - 1] + 1, previous[j - 1] + (ca != cb)))
+        previous = current
+    return previous[-1]
+
+
+def final_turn(rows: list[dict]) -> list[dict]:
+    """The rows of each episode's last attempt (all rows of a one-turn table)."""
+    last = max((r.get("turn") or 1 for r in rows), default=1)
+    return [r for r in rows if (r.get("turn") or 1) == last]
+
+
+def self_correction(rows: list[dict]) -> dict[str, float]:
+    """SCoRe's metrics over two-attempt episodes: accuracy at each attempt, Δ(t1, t2) = acc2 − acc1,
+    Δ(i→c) and Δ(c→i) (share of episodes going incorrect → correct, correct → incorrect), and the mean
+    character edit distance between the attempts. Empty for one-turn rows."""
+    seconds = [r for r in rows if r.get("turn") == 2]
+    if not seconds:
+        return {}
+    first = [bool(r["first_correct"]) for r in seconds]
+    second = [bool(r["correct"]) for r in seconds]
+    n = len(seconds)
+    return {
+        "accuracy_t1": accuracy(first),
+        "accuracy_t2": accuracy(second),
+        "delta": accuracy(second) - accuracy(first),
+        "delta_i2c": sum(not a and b for a, b in zip(first, second)) / n,
+        "delta_c2i": sum(a and not b for a, b in zip(first, second)) / n,
+        "edit_distance": sum(edit_distance(r["first_completion"], r["completion"]) for r in seconds) / n,
+    }

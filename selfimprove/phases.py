@@ -15,6 +15,7 @@ from selfimprove import distributed as dist
 from selfimprove import faults
 from selfimprove.checkpoint import read_table, write_table
 from selfimprove.logging import progress
+from selfimprove.rollout import OneTurn
 from selfimprove.stages import Context, order_stages
 
 Timer = dict[str, float]
@@ -66,35 +67,19 @@ def sample_units(
     should_stop: Callable[[], bool],
     desc: str,
     fault: str = "",
+    rollout: OneTurn | None = None,
 ) -> list[dict] | None:
-    """Generates n completions per problem, unit by unit. Returns all rows, or None if stopped."""
+    """Rolls out n episodes per problem (`rollout`: one turn by default, or two attempts), unit by unit.
+    Returns all rows, or None if stopped."""
+    rollout = rollout or OneTurn()
     chunks = units(len(problems), n, batch_size)
     bar = progress(len(chunks), desc)
     for u in _my_waves(len(chunks)):
         if u is not None and not _shard(folder, u).exists():
             chunk = [problems[i] for i in chunks[u]]
-            prompts = [engine.sampler.encode(p) for p in chunk]
             t = time.perf_counter()
-            outs = engine.generate([p for p in prompts for _ in range(n)], seed=seed_of_unit(u), **gen)
+            rows = rollout(engine, task, chunk, n, gen, seed_of_unit(u))
             timer["generate"] = timer.get("generate", 0.0) + time.perf_counter() - t
-            rows = []
-            for j, out in enumerate(outs):
-                problem, prompt_ids = chunk[j // n], prompts[j // n]
-                reward = task.reward(out["completion"], problem)
-                rows.append(
-                    {
-                        "prompt_id": problem.id,
-                        "sample_idx": j % n,
-                        "messages": problem.messages,
-                        "prefill": problem.prefill,
-                        "prompt_ids": prompt_ids,
-                        "target": problem.answer,
-                        "answer": task.extract_answer(out["completion"]),
-                        "reward": reward,
-                        "correct": reward >= 1 - 1e-9,
-                        **out,
-                    }
-                )
             write_table(_shard(folder, u), rows)
             faults.point(f"{fault}:u{u}")
         bar.update(min(dist.world(), len(chunks) - bar.n))

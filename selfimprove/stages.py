@@ -155,10 +155,10 @@ class Context:
         return self.engine.classifier(path)
 
 
-def order_stages(scorers: list[Stage]) -> list[Stage]:
+def order_stages(scorers: list[Stage], sampled: frozenset[str] = CORE_COLUMNS) -> list[Stage]:
     """The scorers in an order where every score a scorer reads is written before it (a combined
     score after its parts); config order otherwise. A ValueError names a score nothing writes."""
-    available = set(CORE_COLUMNS)
+    available = set(sampled)
     pending, ordered = list(scorers), []
     while pending:
         ready = [s for s in pending if set(s.reads) <= available]
@@ -176,17 +176,20 @@ def order_stages(scorers: list[Stage]) -> list[Stage]:
     return ordered
 
 
-def check_columns(scorers: list[Stage], selector: Stage, objective: Any = None) -> None:
-    """Every column the selector (and the objective) reads is sampled or written by a stage before
-    it; a ValueError names both ends."""
-    written = {c for s in order_stages(scorers) for c in s.writes}
-    missing = sorted(set(selector.reads) - CORE_COLUMNS - written)
+def check_columns(
+    scorers: list[Stage], selector: Stage, objective: Any = None, rollout_writes: Sequence[str] = ()
+) -> None:
+    """Every column the selector (and the objective) reads is sampled (`CORE_COLUMNS` plus what the
+    rollout adds, e.g. `turn`) or written by a stage before it; a ValueError names both ends."""
+    sampled = CORE_COLUMNS | set(rollout_writes)
+    written = {c for s in order_stages(scorers, sampled) for c in s.writes}
+    missing = sorted(set(selector.reads) - sampled - written)
     if missing:
         raise ValueError(
             f"selector {selector.name!r} reads {missing}, which no verifier writes "
             f"(verifiers write: {sorted(written)}; add one, e.g. +verifier@verifiers.NAME=NAME)"
         )
-    missing = sorted(set(getattr(objective, "reads", ())) - CORE_COLUMNS - written - set(selector.writes))
+    missing = sorted(set(getattr(objective, "reads", ())) - sampled - written - set(selector.writes))
     if missing:
         raise ValueError(
             f"objective {objective.name!r} reads {missing}, which no verifier or selector writes "

@@ -194,3 +194,46 @@ def test_rl_run_killed_mid_round_resumes_bit_identical(tmp_path, rl_baseline, cr
     best = rounds[selected["selected/round"]]
     assert selected["selected/dev/accuracy"] == max(x["dev/accuracy"] for x in rounds.values())
     assert selected["selected/eval/accuracy"] == best["eval/accuracy"]
+
+
+# SCoRe: two-attempt episodes, Stage I in round 1 and Stage II from round 2 (schedule), a per-attempt
+# KL to the base; self-certainty as the reward (the tiny random model never answers right).
+SCORE = [
+    *TINY,
+    "recipe=score",
+    "+verifier@verifiers.self_certainty=self_certainty",
+    "selector.reward=self_certainty",
+    "schedule.0.until_round=1",
+    "loop.rounds=3",
+    "loop.prompts_per_round=4",
+    "trainer.steps_per_round=2",
+    "eval.k=0",
+    "eval.n_problems=4",
+    "eval.every=1",
+]
+
+
+@pytest.fixture(scope="module")
+def score_baseline(tmp_path_factory) -> Path:
+    run_dir = tmp_path_factory.mktemp("score") / "run"
+    run_cli(["train", *SCORE, f"run.dir={run_dir}"])
+    return run_dir
+
+
+@pytest.mark.parametrize("crash_at", ["update:r2:s1", "sample:r3:u0"])
+def test_score_run_killed_in_stage_two_resumes_bit_identical(tmp_path, score_baseline, crash_at):
+    baseline, run_dir = score_baseline, tmp_path / "run"
+    killed = run_cli(
+        ["train", *SCORE, f"run.dir={run_dir}"], env={"SELFIMPROVE_CRASH_AT": crash_at}, check=False
+    )
+    assert killed.returncode == -9, killed.stderr[-2000:]
+    run_cli(["train", *SCORE, f"run.dir={run_dir}", "resume=auto"])
+    want, got = final_state(baseline), final_state(run_dir)
+    for name in want:
+        assert torch.equal(want[name], got[name]), name
+    lines = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    stages = {x["round"]: x["schedule/stage"] for x in lines if "schedule/stage" in x}
+    assert stages == {1: 1, 2: 2, 3: 2}
+    assert all(x["train/grad_norm"] > 0 for x in lines if "train/loss" in x)  # the weights did move
+    evals = [x for x in lines if "eval/accuracy_t2" in x]
+    assert [x["round"] for x in evals] == [0, 1, 2, 3]

@@ -64,7 +64,8 @@ class PolicyGradient(Objective):
     """Per completion token: clipped surrogate with the row's advantage, plus β·k3 KL to the reference
     (`kl_to`: the base's `ref_logprobs` or the EMA's `ema_logprobs`, attached by a reference stage). π_old is the
     recorded `old_logprobs` (the sampling distribution, after temperature); a row without them (real
-    data) is on-policy, ρ = 1. Normalisation: GRPO "sequence", DAPO "token", Dr. GRPO "constant"."""
+    data) is on-policy, ρ = 1. Normalisation: GRPO "sequence", DAPO "token", Dr. GRPO "constant".
+    `first_turn_beta` (two-attempt rows) sets the KL coefficient of first attempts apart: SCoRe Stage I."""
 
     name = "pg"
 
@@ -76,13 +77,18 @@ class PolicyGradient(Objective):
         normalize: str = "sequence",
         constant_length: int | None = None,
         temperature: float = 1.0,
+        first_turn_beta: float | None = None,
     ):
         super().__init__(normalize, constant_length, temperature)
         if kl_to not in KL_COLUMN:
             raise ValueError(f"kl_to: {kl_to!r} is not one of {'|'.join(KL_COLUMN)}")
         self.clip_eps, self.beta, self.kl_to = clip_eps, beta, kl_to
+        self.first_turn_beta = first_turn_beta  # SCoRe Stage I: β2 on the first attempt, β on the second
         # the row columns this objective needs: a stage must write them (checked at config time)
-        self.reads = ("advantage",) + ((KL_COLUMN[kl_to],) if beta > 0 else ())
+        uses_kl = beta > 0 or (first_turn_beta or 0) > 0
+        self.reads = (
+            ("advantage",) + ((KL_COLUMN[kl_to],) if uses_kl else ()) + (("turn",) if first_turn_beta else ())
+        )
 
     def __call__(self, logits: Tensor, batch: dict):
         logp, mask = self.token_logprobs(logits, batch)
@@ -97,12 +103,15 @@ class PolicyGradient(Objective):
         per_token, clipped = clipped_surrogate(logp, old, advantages, self.clip_eps)
         metrics = {"pg/clip_frac": mean_metric(clipped), "pg/ratio": mean_metric(torch.exp(logp - old))}
         reference = KL_COLUMN[self.kl_to]
-        if self.beta > 0 or reference in batch:
+        beta = self.beta
+        if self.first_turn_beta is not None:  # per token: its row's turn picks the coefficient
+            first = (batch["turns"] == 1)[:, None].expand_as(mask)[mask]
+            beta = torch.where(first, self.first_turn_beta, self.beta)
+        if "turn" in self.reads or self.beta > 0 or reference in batch:
             if reference not in batch:
                 raise KeyError(f"objective.beta > 0 needs {reference}: add verifier reference_{self.kl_to}")
             kl = k3(logp, batch[reference][:, 1:][mask])
             metrics["pg/kl"] = mean_metric(kl)
-            if self.beta > 0:
-                per_token = per_token + self.beta * kl
+            per_token = per_token + beta * kl
         metrics["pg/logp"] = mean_metric(logp)
         return self.reduce(per_token, mask, batch), self.normalizer([batch]), metrics

@@ -2,12 +2,13 @@
 
 Each is built by ``hydra.utils.instantiate``, declares the columns it reads, and returns the rows to
 train on: a subset (best-of-N, threshold, vote), or curated rows plus real data (curation).
-The RL selector (`GroupAdvantage`) keeps rows and adds their advantage. Selecting nothing is legal and returns ``[]``; the loop decides what then.
+The RL selectors (`GroupAdvantage`, SCoRe's) keep rows and add their advantage. Selecting nothing is legal and returns ``[]``; the loop decides what then.
 """
 
 from selfimprove.select.advantage import GroupAdvantage, agreement
 from selfimprove.select.curation import Curation, curated_update, curation_probs, plackett_luce
 from selfimprove.select.filters import BestOfN, GroundTruthFilter, Threshold
+from selfimprove.select.score import SCoRe, shaped_reward
 from selfimprove.select.vote import Borda, MajorityVote, borda_vote
 
 __all__ = [
@@ -17,10 +18,12 @@ __all__ = [
     "GroundTruthFilter",
     "GroupAdvantage",
     "MajorityVote",
+    "SCoRe",
     "agreement",
     "Threshold",
     "borda_vote",
     "curated_update",
     "curation_probs",
     "plackett_luce",
+    "shaped_reward",
 ]
