@@ -18,6 +18,7 @@ from omegaconf import DictConfig, OmegaConf
 from selfimprove import distributed as dist
 from selfimprove import phases
 from selfimprove.metrics import eval_summary
+from selfimprove.repetition import perplexity, text_metrics
 from selfimprove.rollout import OneTurn
 
 
@@ -79,6 +80,10 @@ def evaluate(
             )
             if greedy is None:
                 return None
+            prefix = "eval/" if which == "raw" else "eval_ema/"
+            if getattr(task, "open_ended", False):  # no answer to check: repetition and perplexity
+                out.update({prefix + k: v for k, v in text_summary(cfg, task, engine, greedy).items()})
+                continue
             sampled: list[dict] = []
             if cfg.eval.k > 0 and with_k:
                 sampled = phases.sample_units(
@@ -92,7 +97,6 @@ def evaluate(
                 )
                 if sampled is None:
                     return None
-        prefix = "eval/" if which == "raw" else "eval_ema/"
         out.update({prefix + k: v for k, v in eval_summary(greedy, sampled, cfg.eval.k).items()})
     if cfg.eval.dev_problems > 0:  # the problems after the test ones: never the ones reported
         dev = task.eval_problems(cfg.eval.n_problems + cfg.eval.dev_problems)[cfg.eval.n_problems :]
@@ -108,6 +112,21 @@ def evaluate(
         if greedy is None:
             return None
         out["dev/accuracy"] = eval_summary(greedy, [], 0)["accuracy"]
+    return out
+
+
+def text_summary(cfg: DictConfig, task, engine, greedy: list[dict]) -> dict[str, float]:
+    """An open-ended task's held-out metrics: repetition and diversity of the greedy continuations
+    (rep-n, rep-w, rep-r, rep-sen, distinct-n), and the perplexity of the true continuations given
+    their prompts under the weights in the policy now."""
+    out = text_metrics([r["completion_ids"] for r in greedy], [r["completion"] for r in greedy])
+    documents = task.eval_documents(cfg.eval.n_problems)
+    encode = engine.tokenizer
+    prompts = [encode(p, add_special_tokens=False)["input_ids"] for p, _ in documents]
+    continuations = [encode(c, add_special_tokens=False)["input_ids"] for _, c in documents]
+    out["perplexity"] = perplexity(
+        engine.logprobs(prompts, continuations, weights="policy", batch_size=cfg.eval.batch_size)
+    )
     return out
 
 

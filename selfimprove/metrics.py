@@ -96,20 +96,6 @@ def ece(probs: Sequence[float], labels: Sequence[bool], bins: int = 10) -> float
     )
 
 
-def repetition(texts: Sequence[str], n: int = 4) -> float:
-    """rep-n: mean over texts of 1 - unique n-grams / n-grams (whitespace tokens).
-
-    Texts shorter than n tokens have no n-grams and are left out; 0.0 if none remain.
-    """
-    reps = []
-    for text in texts:
-        toks = text.split()
-        grams = [tuple(toks[i : i + n]) for i in range(len(toks) - n + 1)]
-        if grams:
-            reps.append(1.0 - len(set(grams)) / len(grams))
-    return sum(reps) / len(reps) if reps else 0.0
-
-
 def summarize_round(rows: list[dict], examples: list[dict], scorer_names: list[str]) -> dict:
     """One round's sample / selection / verifier-quality metrics.
 

@@ -8,7 +8,6 @@ from selfimprove.metrics import (
     ece,
     maj_at_k,
     pass_at_k,
-    repetition,
     summarize_round,
 )
 
@@ -61,12 +60,6 @@ def test_ece():
     assert ece([0.9, 0.9, 0.1, 0.1], [1, 0, 0, 0]) == pytest.approx(0.5 * 0.4 + 0.5 * 0.1)
     assert ece([1.0, 0.0], [1, 0]) == pytest.approx(0.0)
     assert math.isnan(ece([], []))
-
-
-def test_repetition():
-    assert repetition(["a b c d a b c d"]) == pytest.approx(1 - 4 / 5)
-    assert repetition(["a b c d e", "x y"]) == 0.0
-    assert repetition(["a a a"], n=1) == pytest.approx(2 / 3)
 
 
 def test_summarize_round():
