@@ -6,7 +6,6 @@ test splits, use :class:`selfimprove.tasks.HFDatasetTask`.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +18,7 @@ from selfimprove.tasks.rows import (
     field_text,
     hash_origin,
     hash_split,
-    text_lines,
+    jsonl_records,
 )
 
 
@@ -46,20 +45,7 @@ def _load_rows(path: str) -> list[tuple[str, dict[str, Any]]]:
         raise ValueError(f"{path}: is a folder; JsonlTask reads one file (HFDatasetTask reads folders)")
     if Path(path).suffix == ".parquet":
         return _read_parquet(path)
-    rows = []
-    for lineno, line in text_lines(path):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as err:
-            raise ValueError(f"{path}:{lineno}: not valid JSON: {err}") from None
-        if not isinstance(row, dict):  # ValueError like every other bad-data error
-            raise ValueError(  # noqa: TRY004
-                f"{path}:{lineno}: expected a JSON object, got {type(row).__name__}"
-            )
-        rows.append((str(lineno), row))
-    return rows
+    return [(str(lineno), row) for lineno, row in jsonl_records(path)]
 
 
 class JsonlTask(RowsTask):

@@ -6,6 +6,7 @@ the subclasses only turn their source into validated :class:`Row`s.
 
 from __future__ import annotations
 
+import json
 import random
 import re
 from collections.abc import Iterable, Iterator
@@ -47,6 +48,23 @@ def text_lines(path: str) -> Iterator[tuple[int, str]]:
                 raise ValueError(
                     f"{path}:{lineno}: not UTF-8 text (byte {err.start} of the line: {err.reason})"
                 ) from None
+
+
+def jsonl_records(path: str) -> Iterator[tuple[int, dict[str, Any]]]:
+    """(line number, object) for each non-blank line of a JSONL file; a ValueError naming the file and
+    line for one that is not a JSON object."""
+    for lineno, line in text_lines(path):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{path}:{lineno}: not valid JSON: {err}") from None
+        if not isinstance(record, dict):  # ValueError like every other bad-data error
+            raise ValueError(  # noqa: TRY004
+                f"{path}:{lineno}: expected a JSON object, got {type(record).__name__}"
+            )
+        yield lineno, record
 
 
 def check_exists(path: str, what: str = "file") -> Path:

@@ -13,7 +13,6 @@ documents never run across two of them; a ``.txt`` file is one text.
 
 from __future__ import annotations
 
-import json
 import re
 from collections.abc import Iterable, Iterator
 from itertools import islice
@@ -28,6 +27,7 @@ from selfimprove.tasks.rows import (
     field_text,
     hash_origin,
     hash_split,
+    jsonl_records,
     text_lines,
 )
 
@@ -92,15 +92,7 @@ def split_document(text: str, prompt_words: int) -> tuple[str, str]:
 
 
 def _jsonl_texts(path: str, field: str) -> Iterator[str]:
-    for lineno, line in text_lines(path):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as err:
-            raise ValueError(f"{path}:{lineno}: not valid JSON: {err}") from None
-        if not isinstance(record, dict):
-            raise ValueError(f"{path}:{lineno}: expected a JSON object, got {type(record).__name__}")
+    for lineno, record in jsonl_records(path):
         yield field_text(record, field, f"{path}:{lineno}")
 
 
