@@ -61,7 +61,16 @@ def test_stage_rewards_and_advantages_per_attempt_group():
     assert first == pytest.approx([1 - 1 / 3, 0 - 2 / 3, 0 - 2 / 3, 1 - 1 / 3])
     assert second == pytest.approx([-10 - 4, 11 - (-3), 0 - 2 / 3, 1 - 1 / 3])
     stage1 = SCoRe(stage=1)(rows, None)
+    assert [r["turn"] for r in stage1] == [1, 2] * 4  # the second attempts' group has a signal
     assert all(r["advantage"] == 0 for r in stage1 if r["turn"] == 1)  # no reward gradient to y1
+    # a rewarded group whose advantages are all 0 is skipped; Stage I keeps first attempts (their KL)
+    flat = _episodes([(1, 0), (0, 0)]) + _episodes([(1, 1), (0, 1)], prompt="p1")
+    kept = SCoRe(stage=1)(flat, None)
+    assert [(r["prompt_id"], r["turn"]) for r in kept] == [("p0", 1), ("p0", 1), ("p1", 1), ("p1", 1)]
+    assert len(SCoRe(stage=1, drop_zero=False)(flat, None)) == 8
+    settled = _episodes([(1, 0), (0, 0)]) + _episodes([(1, 1), (1, 1)], prompt="p1")  # p1: nothing to learn
+    kept = SCoRe(stage=2)(settled, None)
+    assert [(r["prompt_id"], r["turn"]) for r in kept] == [("p0", 1), ("p0", 2)] * 2
     with pytest.raises(ValueError, match="two-attempt"):
         SCoRe(stage=1)([{k: v for k, v in r.items() if k != "turn"} for r in rows], None)
     with pytest.raises(ValueError, match="stage"):
@@ -144,8 +153,9 @@ def test_schedule_picks_stages_and_refuses_bad_entries():
     cfg = cfg_of()
     entries = schedule(cfg)
     assert [e.name for e in entries] == ["stage1", "stage2"]
-    assert scheduled(entries, 1).name == "stage1" and scheduled(entries, 4).name == "stage1"
-    assert scheduled(entries, 5).name == "stage2" and scheduled(entries, 99).name == "stage2"
+    last = entries[0].until_round
+    assert scheduled(entries, 1).name == "stage1" and scheduled(entries, last).name == "stage1"
+    assert scheduled(entries, last + 1).name == "stage2" and scheduled(entries, 99).name == "stage2"
     assert (
         entries[0].cfg.objective.first_turn_beta == 0.1 and entries[1].cfg.objective.first_turn_beta is None
     )

@@ -27,11 +27,19 @@ class SCoRe(Stage):
     name = "score"
     writes = ("advantage",)
 
-    def __init__(self, stage: int, reward: str = "correct", alpha: float = 10.0, estimator: str = "rloo"):
+    def __init__(
+        self,
+        stage: int,
+        reward: str = "correct",
+        alpha: float = 10.0,
+        estimator: str = "rloo",
+        drop_zero: bool = True,
+    ):
         if stage not in (1, 2):
             raise ValueError(f"stage must be 1 or 2, got {stage}")
         group_advantages([0.0], estimator)  # an unknown estimator fails at config time
         self.stage, self.reward, self.alpha, self.estimator = stage, reward, alpha, estimator
+        self.drop_zero = drop_zero
         self.reads = ("turn", f"score/{reward}")
         self.metrics: dict = {}
 
@@ -57,9 +65,18 @@ class SCoRe(Stage):
         for i, r in enumerate(rows):
             groups[(r["prompt_id"], r["turn"])].append(i)
         advantages = [0.0] * len(rows)
-        for members in groups.values():
-            for i, a in zip(members, group_advantages([rewards[i] for i in members], self.estimator)):
-                advantages[i] = a
+        keep = [True] * len(rows)
+        for (_, turn), members in groups.items():
+            group = group_advantages([rewards[i] for i in members], self.estimator)
+            # a rewarded group whose advantages are all 0 teaches nothing (its small KL aside), so it
+            # is skipped; Stage I's first attempts stay, their KL is why they are there
+            rewarded = self.stage == 2 or turn == 2
+            for i, a in zip(members, group):
+                advantages[i], keep[i] = a, not (self.drop_zero and rewarded and not any(group))
         second = [rw for rw, r in zip(rewards, rows) if r["turn"] == 2]
-        self.metrics = {"reward_t2": sum(second) / max(len(second), 1), "stage": self.stage}
-        return [{**r, "advantage": a} for r, a in zip(rows, advantages)]
+        self.metrics = {
+            "reward_t2": sum(second) / max(len(second), 1),
+            "stage": self.stage,
+            "rows_kept": sum(keep) / max(len(rows), 1),
+        }
+        return [{**r, "advantage": a} for r, a, k in zip(rows, advantages, keep) if k]
