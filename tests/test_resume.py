@@ -237,3 +237,36 @@ def test_score_run_killed_in_stage_two_resumes_bit_identical(tmp_path, score_bas
     assert all(x["train/grad_norm"] > 0 for x in lines if "train/loss" in x)  # the weights did move
     evals = [x for x in lines if "eval/accuracy_t2" in x]
     assert [x["round"] for x in evals] == [0, 1, 2, 3]
+
+
+# DITTO on the text task: each step DITTO or MLE by a coin seeded per step, so a resumed run flips the
+# same coins.
+DITTO = [
+    "recipe=ditto",
+    "model=tiny",
+    "loop.rounds=2",
+    "loop.prompts_per_round=8",
+    "trainer.steps_per_round=4",
+    "trainer.micro_batch_size=4",
+    "selector.max_tokens=96",
+    "eval.n_problems=4",
+    "eval.max_new_tokens=8",
+    "ema.enabled=true",
+]
+
+
+def test_ditto_run_killed_mid_update_resumes_bit_identical(tmp_path):
+    baseline, run_dir = tmp_path / "baseline", tmp_path / "run"
+    run_cli(["train", *DITTO, f"run.dir={baseline}"])
+    killed = run_cli(
+        ["train", *DITTO, f"run.dir={run_dir}"], env={"SELFIMPROVE_CRASH_AT": "update:r2:s2"}, check=False
+    )
+    assert killed.returncode == -9, killed.stderr[-2000:]
+    run_cli(["train", *DITTO, f"run.dir={run_dir}", "resume=auto"])
+    for name, value in final_state(baseline).items():
+        assert torch.equal(value, final_state(run_dir)[name]), name
+    steps = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    coins = [x["ditto/step_is_ditto"] for x in steps if "train/loss" in x]
+    assert len(coins) == 8 and 0 < sum(coins) < 8  # both kinds of step happened
+    evals = [x for x in steps if "eval/rep_4" in x]
+    assert [x["round"] for x in evals] == [0, 2] and all(x["eval/perplexity"] > 1 for x in evals)
