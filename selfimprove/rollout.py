@@ -44,7 +44,6 @@ def attempt_row(task, problem: Problem, prompt_ids: list[int], sample_idx: int, 
 class OneTurn:
     """n completions of each problem: the rows of every single-turn recipe."""
 
-    turns = 1
     writes: tuple[str, ...] = ()  # columns beyond the core ones (contract 1)
 
     def check(self, task) -> None:
@@ -61,7 +60,6 @@ class OneTurn:
 class TwoAttempts(OneTurn):
     """SCoRe's episode: x, y1, then x2 = [x, y1, instruction] and y2, sampled as the first was."""
 
-    turns = 2
     writes = ("turn", *FIRST_ATTEMPT)
 
     def __init__(self, instruction: str = DEFAULT_INSTRUCTION) -> None:
@@ -90,9 +88,7 @@ class TwoAttempts(OneTurn):
         rows = []
         for j, (first, out) in enumerate(zip(firsts, outs)):
             second = attempt_row(task, problems[j // n], prompts[j], first["sample_idx"], out)
-            second.update(
-                turn=2, **{f"first_{k}": first[k] for k in ("completion", "answer", "reward", "correct")}
-            )
+            second.update(turn=2, **{k: first[k.removeprefix("first_")] for k in FIRST_ATTEMPT})
             first.update(turn=1, **dict.fromkeys(FIRST_ATTEMPT))  # same columns in every row (Parquet)
             rows += [first, second]
         return rows

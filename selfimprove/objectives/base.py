@@ -52,10 +52,13 @@ class Objective:
         `logits[:, t]` predicts `labels[:, t+1]`; only the N scored positions are upcast (half precision to fp32)."""
         labels = batch["labels"][:, 1:]
         mask = labels != IGNORE_INDEX
-        picked = logits[:, :-1][mask]
-        picked = (picked.float() if picked.element_size() < 4 else picked) / self.temperature  # bf16 up
-        logp = torch.log_softmax(picked, dim=-1).gather(1, labels[mask][:, None])[:, 0]
-        return logp, mask
+        return self.label_logprobs(logits[:, :-1][mask], labels[mask]), mask
+
+    def label_logprobs(self, picked: Tensor, tokens: Tensor) -> Tensor:
+        """log π(token) at the training temperature from the logits `picked` [N, V] that predict
+        `tokens` [N] (half precision upcast to fp32 here, only for these N positions)."""
+        picked = (picked.float() if picked.element_size() < 4 else picked) / self.temperature
+        return torch.log_softmax(picked, dim=-1).gather(1, tokens[:, None])[:, 0]
 
     def reduce(self, per_token: Tensor, mask: Tensor, batch: dict) -> Tensor:
         """Sum of the per-token losses, each scaled so that dividing by `normalizer` gives the named

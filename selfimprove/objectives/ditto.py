@@ -19,6 +19,7 @@ import torch
 from torch import Tensor
 
 from selfimprove.objectives.base import IGNORE_INDEX, Objective, mean_metric
+from selfimprove.objectives.sft import SFT
 from selfimprove.stages import Context, Stage
 
 SENTENCE_END = (".", "!", "?")  # the reference splits at '.' only; '!' and '?' end sentences too
@@ -141,6 +142,7 @@ class Ditto(Objective):
             raise ValueError(f"mle_probability must be in [0, 1], got {mle_probability}")
         self.lam, self.mle_probability = lam, mle_probability
         self.mode = "mle"
+        self.mle = SFT(temperature=temperature)  # the MLE steps: plain token-mean NLL
 
     def step_examples(self, examples: list[dict], seed: int) -> list[dict]:
         """The MLE rows or the DITTO rows, by a coin seeded per step. Both lists hold the pairs in the
@@ -155,13 +157,12 @@ class Ditto(Objective):
         # the batch says which view it is (only DITTO rows carry rep_len), so a call without
         # step_examples (a test, an evaluation) still computes the matching loss
         if "rep_lens" not in batch:
-            logp, mask = self.token_logprobs(logits, batch)
-            loss = self.reduce(-logp, mask, batch) if logp.numel() else logits.sum() * 0.0
+            loss, normalizer, sft_metrics = self.mle(logits, batch)
             metrics = {
-                "ditto/mle_nll": mean_metric(-logp),
+                "ditto/mle_nll": sft_metrics["sft/nll"],
                 "ditto/step_is_ditto": mean_metric(torch.zeros(1)),
             }
-            return loss, self.normalizer([batch]), metrics
+            return loss, normalizer, metrics
         return self._ditto(logits, batch)
 
     def _ditto(self, logits: Tensor, batch: dict):
@@ -177,9 +178,9 @@ class Ditto(Objective):
         prev_tokens = batch["input_ids"][:, 1:][rows, prev.clamp(min=0)]
         if not bool((inside & (prev_tokens == tokens)).all()):
             raise ValueError("ditto: a penalised token is not the same token rep_len positions earlier")
-        logp = self._label_logprobs(logits[rows, cols], tokens)
+        logp = self.label_logprobs(logits[rows, cols], tokens)
         with torch.no_grad():  # sg(·): the target is the current model's probability one copy earlier
-            p_prev = self._label_logprobs(logits[rows, prev], tokens).exp()
+            p_prev = self.label_logprobs(logits[rows, prev], tokens).exp()
         p = logp.exp()
         per_token = -torch.log((1.0 - (p - self.lam * p_prev).abs()).clamp(min=1e-5))
         metrics.update(
@@ -190,8 +191,3 @@ class Ditto(Objective):
             }
         )
         return self.reduce(per_token, mask, batch), self.normalizer([batch]), metrics
-
-    def _label_logprobs(self, picked: Tensor, tokens: Tensor) -> Tensor:
-        """log-softmax of `picked` [N, V] (fp32, at the training temperature) at `tokens` [N]."""
-        picked = (picked.float() if picked.element_size() < 4 else picked) / self.temperature
-        return torch.log_softmax(picked, dim=-1).gather(1, tokens[:, None])[:, 0]

@@ -85,9 +85,11 @@ class PolicyGradient(Objective):
         self.clip_eps, self.beta, self.kl_to = clip_eps, beta, kl_to
         self.first_turn_beta = first_turn_beta  # SCoRe Stage I: β2 on the first attempt, β on the second
         # the row columns this objective needs: a stage must write them (checked at config time)
-        uses_kl = beta > 0 or (first_turn_beta or 0) > 0
+        self.uses_kl = beta > 0 or (first_turn_beta or 0) > 0
         self.reads = (
-            ("advantage",) + ((KL_COLUMN[kl_to],) if uses_kl else ()) + (("turn",) if first_turn_beta else ())
+            ("advantage",)
+            + ((KL_COLUMN[kl_to],) if self.uses_kl else ())
+            + (("turn",) if first_turn_beta is not None else ())
         )
 
     def __call__(self, logits: Tensor, batch: dict):
@@ -103,15 +105,16 @@ class PolicyGradient(Objective):
         per_token, clipped = clipped_surrogate(logp, old, advantages, self.clip_eps)
         metrics = {"pg/clip_frac": mean_metric(clipped), "pg/ratio": mean_metric(torch.exp(logp - old))}
         reference = KL_COLUMN[self.kl_to]
-        beta = self.beta
-        if self.first_turn_beta is not None:  # per token: its row's turn picks the coefficient
-            first = (batch["turns"] == 1)[:, None].expand_as(mask)[mask]
-            beta = torch.where(first, self.first_turn_beta, self.beta)
-        if "turn" in self.reads or self.beta > 0 or reference in batch:
+        if self.uses_kl or reference in batch:  # the KL is logged whenever the rows carry the reference
             if reference not in batch:
                 raise KeyError(f"objective.beta > 0 needs {reference}: add verifier reference_{self.kl_to}")
             kl = k3(logp, batch[reference][:, 1:][mask])
             metrics["pg/kl"] = mean_metric(kl)
+        if self.uses_kl:
+            beta = self.beta
+            if self.first_turn_beta is not None:  # per token: its row's turn picks the coefficient
+                first = (batch["turns"] == 1)[:, None].expand_as(mask)[mask]
+                beta = torch.where(first, self.first_turn_beta, self.beta)
             per_token = per_token + beta * kl
         metrics["pg/logp"] = mean_metric(logp)
         return self.reduce(per_token, mask, batch), self.normalizer([batch]), metrics
