@@ -49,8 +49,23 @@ class ModelConfig:
 
 
 @dataclass
+class VLLMConfig:
+    """sampler.backend=vllm only: the engine colocated in each training process."""
+
+    gpu_memory_utilization: float = 0.3  # the share of the GPU vLLM may take (the trainer keeps the rest)
+    sleep: bool = True  # free vLLM's weights and KV cache while the trainer runs
+    sync_timeout_s: float = 300.0  # a weight push that takes longer fails the run with an error
+    probe_tolerance: float = 0.05  # max |log-prob difference| (nats/token) of the probe after a push
+    logprobs_topk: int = 20  # top-k log-probs per token; self-certainty is computed from these
+    enforce_eager: bool = False
+
+
+@dataclass
 class SamplerConfig:
-    backend: str = "hf"
+    backend: str = "hf"  # hf (transformers generate, everywhere) | vllm (GPU, the 'vllm' extra)
+    compile: str = "auto"  # hf: static KV cache + torch.compile; auto = on a GPU only | true | false
+    length_bucket: int = 32  # hf compiled: prompt widths round up to a multiple (few compiled shapes)
+    vllm: VLLMConfig = field(default_factory=VLLMConfig)
     n: int = 8
     temperature: float = 1.0
     top_p: float = 1.0
