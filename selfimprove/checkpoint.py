@@ -28,6 +28,8 @@ from safetensors.torch import load_file, save_file
 from selfimprove import distributed as dist
 from selfimprove import faults
 
+SHARDS = "optimizer-shards"  # a folder of per-rank optimizer files (DeepSpeed's own checkpoint)
+
 
 class CheckpointError(RuntimeError):
     """A run has checkpoints but none of them can be read."""
@@ -75,19 +77,26 @@ def save(
     journal: dict[str, Any],
     keep: int = 2,
 ) -> Path:
-    """Collective: every rank calls it; rank 0 writes the shared state, each rank its RNG."""
+    """Collective: every rank calls it; rank 0 writes the shared state, each rank its RNG.
+
+    `optimizer.state_dict()` runs on every rank (gathering a sharded optimizer is collective); None
+    means the optimizer writes its own per-rank shards instead (DeepSpeed: `write_shards(folder)`)."""
     root = run_dir / "checkpoints"
     tmp = root / f".tmp-{name}"
+    optimizer_state = optimizer.state_dict()
     if dist.is_main():
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
         save_file({k: v.detach().contiguous().cpu() for k, v in weights.items()}, tmp / "model.safetensors")
-        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+        if optimizer_state is not None:
+            torch.save(optimizer_state, tmp / "optimizer.pt")
         torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
         if ema_state is not None:
             save_file(ema_state, tmp / "ema.safetensors")
         write_json(tmp / "journal.json", journal)
     dist.barrier()
+    if optimizer_state is None:
+        optimizer.write_shards(tmp / SHARDS)
     rng = _rng_state()
     rng["python"] = repr(rng["python"])  # a plain tuple of ints: saved as text, not pickled
     rng["numpy"] = {"state": torch.from_numpy(rng["numpy"][1].astype(np.int64)), "pos": rng["numpy"][2]}
@@ -199,7 +208,9 @@ def _read(path: Path, *, training: bool) -> dict[str, Any]:
         "ema": _read_file(ema, load_file) if ema.exists() else None,
     }
     if training:
-        state["optimizer"] = _read_file(path / "optimizer.pt", _torch_load)
+        # a sharded optimizer's files are read by the optimizer itself (DeepSpeed's load_checkpoint)
+        sharded = (path / SHARDS).is_dir()
+        state["optimizer"] = None if sharded else _read_file(path / "optimizer.pt", _torch_load)
         state["scheduler"] = _read_file(path / "scheduler.pt", _torch_load)
         # absent when resuming on more ranks than were saved
         state["rng"] = _read_file(rng, _torch_load) if rng.exists() else None
@@ -222,7 +233,8 @@ def _read_file(file: Path, reader: Callable[[Path], Any]) -> Any:
 
 
 def _apply(state: dict[str, Any], optimizer: torch.optim.Optimizer, scheduler: Any) -> None:
-    optimizer.load_state_dict(state["optimizer"])
+    if state["optimizer"] is not None:
+        optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
     rng = state["rng"]
     if rng is not None:

@@ -96,6 +96,15 @@ class TrainerConfig:
 
 
 @dataclass
+class LauncherConfig:
+    """How training is spread over the processes `torchrun`/`accelerate launch` started (configs/launcher/)."""
+
+    backend: str = "ddp"  # ddp | deepspeed (the 'deepspeed' extra) | fsdp2
+    zero_stage: int = 2  # deepspeed: 2 (optimizer + gradients sharded) | 3 (parameters too)
+    reshard_after_forward: bool = True  # fsdp2: free the gathered layer after its forward
+
+
+@dataclass
 class EMAConfig:
     enabled: bool = False
     warmup: int = 10
@@ -137,6 +146,7 @@ class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     task: Any = None
     sampler: SamplerConfig = field(default_factory=SamplerConfig)
+    launcher: LauncherConfig = field(default_factory=LauncherConfig)
     verifiers: dict[str, Any] = field(default_factory=dict)
     selector: Any = None
     objective: Any = None
@@ -155,6 +165,7 @@ def register() -> None:
     for group, node in [
         ("model", ModelConfig),
         ("sampler", SamplerConfig),
+        ("launcher", LauncherConfig),
         ("trainer", TrainerConfig),
         ("logger", LoggerConfig),
     ]:
@@ -163,7 +174,8 @@ def register() -> None:
 
 # Keys whose change makes a resumed run a different experiment; anything else (rounds, logger,
 # eval sizes, run.dir) may change on resume.
-RESUME_SAFE = ("loop.rounds", "logger", "eval", "run", "resume", "ema.evaluate")
+# The launcher too: a run may resume on another backend or number of ranks (checkpoints hold whole tensors).
+RESUME_SAFE = ("loop.rounds", "logger", "eval", "run", "resume", "ema.evaluate", "launcher")
 
 
 def _type_ok(value: Any, annotation: Any) -> bool:
@@ -237,6 +249,9 @@ def validate_targets(cfg: DictConfig) -> None:
             "(transformers generate). vLLM needs a GPU and the 'vllm' extra: pip install 'selfimprove[vllm]'"
         )
     _check_model(cfg)
+    from selfimprove import backends  # it imports this module
+
+    backends.check(cfg)
     if cfg.trainer.optimizer not in ("adamw", "adamw_8bit", "sgd"):
         raise ConfigError(f"trainer.optimizer: {cfg.trainer.optimizer!r} is not adamw|adamw_8bit|sgd")
     if cfg.trainer.optimizer == "adamw_8bit" and importlib.util.find_spec("bitsandbytes") is None:

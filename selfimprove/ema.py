@@ -14,6 +14,8 @@ from contextlib import contextmanager
 import torch
 from torch import Tensor, nn
 
+from selfimprove.backends import local
+
 
 def ema_beta(t: int, warmup: int = 10, power: float = 0.5, floor: float = 1e-4) -> float:
     """beta_t = max((1 + max(0, t - warmup))^(-power), floor), for optimizer step t counted from 1.
@@ -30,6 +32,9 @@ def ema_beta(t: int, warmup: int = 10, power: float = 0.5, floor: float = 1e-4) 
 class EMA:
     """fp32 CPU averages of the model's trainable parameters, keyed by parameter name.
 
+    Under ZeRO-3 or FSDP2 each rank averages only its own part of every parameter (`backends.local`),
+    so the EMA stays sharded: no rank ever holds a whole gathered copy of it.
+
     Only ``requires_grad`` parameters are tracked (with LoRA: just the adapter), since frozen
     ones never change. ``update`` takes t, the global optimizer step counted from 1 (HF's
     ``global_step`` after the step), not the number of updates, so updating every k steps still
@@ -45,7 +50,7 @@ class EMA:
         self.power = power
         self.floor = floor
         self.shadow: dict[str, Tensor] = {
-            name: p.detach().to("cpu", torch.float32, copy=True)
+            name: local(p).detach().to("cpu", torch.float32, copy=True)
             for name, p in model.named_parameters()
             if p.requires_grad
         }
@@ -66,7 +71,7 @@ class EMA:
         beta = ema_beta(t, self.warmup, self.power, self.floor)
         params = self._params(model)
         for name, avg in self.shadow.items():
-            cur = params[name].detach().to("cpu", torch.float32)
+            cur = local(params[name]).detach().to("cpu", torch.float32)
             if beta >= 1.0:
                 avg.copy_(cur)  # exact copy; also clears any non-finite history
             else:
@@ -84,7 +89,7 @@ class EMA:
         backup: dict[str, Tensor] = {}
         with torch.no_grad():
             for name, avg in self.shadow.items():
-                p = params[name]
+                p = local(params[name])
                 backup[name] = p.detach().to("cpu", copy=True)
                 p.copy_(avg.to(device=p.device, dtype=p.dtype))
         try:
@@ -92,7 +97,7 @@ class EMA:
         finally:
             with torch.no_grad():
                 for name, raw in backup.items():
-                    params[name].copy_(raw.to(params[name].device))
+                    local(params[name]).copy_(raw.to(local(params[name]).device))
 
     def state_dict(self) -> dict[str, Tensor]:
         """Flat name -> fp32 tensor map (safetensors-compatible); schedule args are config."""

@@ -15,11 +15,10 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import torch
-from accelerate import Accelerator
 from omegaconf import DictConfig
 from transformers import get_scheduler
 
-from selfimprove import checkpoint, models
+from selfimprove import backends, checkpoint, models
 from selfimprove import distributed as dist
 from selfimprove.config import ConfigError
 from selfimprove.ema import EMA
@@ -29,8 +28,6 @@ from selfimprove.sampling.hf import next_token_logprobs, sequence_logprobs
 
 # peft and accelerate still ask transformers 5 for the old name; users cannot act on the warning.
 warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
-
-MIXED_PRECISION = {"float32": "no", "bfloat16": "bf16", "float16": "fp16"}
 
 
 def build_optimizer(params: list[torch.nn.Parameter], cfg) -> torch.optim.Optimizer:
@@ -56,9 +53,7 @@ class Engine:
 
     def __init__(self, cfg: DictConfig, *, train: bool = True, reference: bool = False) -> None:
         self.cfg = cfg
-        self.accelerator = Accelerator(
-            cpu=not torch.cuda.is_available(), mixed_precision=MIXED_PRECISION[cfg.model.dtype]
-        )
+        self.accelerator = backends.make_accelerator(cfg)
         self.device = self.accelerator.device
         self.tokenizer = models.load_tokenizer(cfg.model)
         self.sampler = HFSampler(self.tokenizer, cfg.sampler.max_prompt_tokens)
@@ -80,6 +75,11 @@ class Engine:
             else:
                 model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
 
+        # ZeRO-3 and FSDP2 split the trained parameters over ranks; sampling, scoring and evaluation
+        # run on a whole copy each rank keeps, refreshed from the trainer after every update (the same
+        # push a separate inference engine gets), so generation needs no collective per decode step.
+        self.partitioned = train and backends.partitioned(cfg)
+        whole = copy.deepcopy(model).requires_grad_(False) if self.partitioned else None
         self.optimizer = self.scheduler = None
         if train:
             params = [p for p in model.parameters() if p.requires_grad]
@@ -91,14 +91,41 @@ class Engine:
             self.model, self.optimizer = self.accelerator.prepare(model, self.optimizer)
         else:
             self.model = model.to(self.device)
-        self.policy = self.accelerator.unwrap_model(self.model)  # what sampling, EMA and saving see
+        self.trained = backends.module(self.accelerator, self.model)  # the trainer's (maybe sharded) module
+        self.policy = whole.to(self.device) if whole is not None else self.trained  # what sampling sees
         self.policy.eval()
-        self.ema = EMA(self.policy, cfg.ema.warmup, cfg.ema.power, cfg.ema.floor) if cfg.ema.enabled else None
+        # averaged where the trainer's parameters live: each rank its part when they are partitioned
+        self.ema = (
+            EMA(self.trained, cfg.ema.warmup, cfg.ema.power, cfg.ema.floor) if cfg.ema.enabled else None
+        )
+
+    def ema_update(self, global_step: int) -> None:
+        if self.ema is not None:
+            self.ema.update(self.trained, global_step)
+
+    def after_update(self) -> None:
+        """Collective, after each update phase: the sampling copy takes the trained weights."""
+        if self.partitioned:
+            self._push(self.policy)
+
+    def _push(self, target: torch.nn.Module) -> None:
+        models.load_trainable(target, backends.gather(self.trained))
 
     # ----- which weights -----
-    def weights(self, which: str) -> contextlib.AbstractContextManager:
-        """A context with the raw ("raw") or averaged ("ema") weights in the policy."""
-        return ema_weights(self.policy, self.ema, which)
+    @contextlib.contextmanager
+    def weights(self, which: str) -> Iterator[None]:
+        """A context with the raw ("raw") or averaged ("ema") weights in the policy (collective when
+        the parameters are partitioned: the averaged parts are swapped in, then pushed)."""
+        if not (self.partitioned and which == "ema" and self.ema is not None):
+            with ema_weights(self.policy, self.ema, which):
+                yield
+            return
+        with self.ema.swapped_in(self.trained):
+            self._push(self.policy)
+        try:
+            yield
+        finally:
+            self._push(self.policy)
 
     @contextlib.contextmanager
     def reference(self) -> Iterator[torch.nn.Module]:
@@ -175,27 +202,92 @@ class Engine:
 
     # ----- checkpoints -----
     def save(self, run_dir: Path, journal: dict) -> Path:
+        """Collective. Whole tensors (gathered when sharded), so any backend and number of ranks can
+        resume from it; DeepSpeed's optimizer is the exception: its own per-rank shards."""
         name = f"r{journal['round']:04d}-s{journal['global_step']:06d}"
+        ema_state = None
+        if self.ema is not None:
+            ema_state = (
+                backends.gather_locals(self.trained, self.ema.shadow)
+                if self.partitioned
+                else self.ema.state_dict()
+            )
         return checkpoint.save(
             run_dir,
             name,
-            weights=models.trainable_state(self.policy),
-            optimizer=self.optimizer,
+            weights=backends.gather(self.trained),
+            optimizer=OptimizerState(self),
             scheduler=self.scheduler,
-            ema_state=self.ema.state_dict() if self.ema is not None else None,
-            journal=dict(journal),
+            ema_state=ema_state,
+            journal={**journal, "world": dist.world(), "backend": self.cfg.launcher.backend},
         )
 
     def restore(self, run_dir: Path) -> tuple[Path, dict] | None:
         """Loads the newest readable checkpoint of a run (weights, EMA, and with an optimizer its state
         and the RNG); returns (its folder, its journal), or None when the run has none."""
-        found = checkpoint.load_latest(run_dir, optimizer=self.optimizer, scheduler=self.scheduler)
+        optimizer = OptimizerState(self) if self.optimizer is not None else None
+        found = checkpoint.load_latest(run_dir, optimizer=optimizer, scheduler=self.scheduler)
         if found is None:
             return None
         path, state = found
-        models.load_trainable(self.policy, state["weights"])
+        backends.scatter(self.trained, state["weights"])
+        if optimizer is not None and (path / checkpoint.SHARDS).is_dir():
+            optimizer.read_shards(path / checkpoint.SHARDS, state["journal"])
         if self.ema is not None and state["ema"] is not None:
-            self.ema.load_state_dict(state["ema"])
+            ema = state["ema"]
+            if self.partitioned:
+                params = backends.trainable(self.trained)
+                ema = {n: backends.part_of(params[n], t) for n, t in ema.items()}
+            self.ema.load_state_dict(ema)
+        self.after_update()
         if dist.is_main():
             print(f"[selfimprove] loaded {path}")
-        return path, state["journal"]
+        return path, {k: v for k, v in state["journal"].items() if k not in ("world", "backend")}
+
+
+class OptimizerState:
+    """The optimizer's state as a checkpoint holds it, whatever the backend: a whole, name-keyed state
+    dict (torch.distributed.checkpoint's, gathered from FSDP2 shards, loadable on any number of
+    ranks), or under DeepSpeed its own per-rank files (`write_shards`), resumable on as many ranks."""
+
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+        self.optimizer = getattr(engine.optimizer, "optimizer", engine.optimizer)  # inside accelerate's
+
+    def _options(self):
+        from torch.distributed.checkpoint.state_dict import StateDictOptions
+
+        return StateDictOptions(full_state_dict=True, cpu_offload=self.engine.partitioned)
+
+    def state_dict(self) -> dict | None:
+        if backends.is_deepspeed(self.engine.accelerator):
+            return None
+        from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
+
+        return get_optimizer_state_dict(self.engine.trained, self.optimizer, options=self._options())
+
+    def load_state_dict(self, state: dict) -> None:
+        from torch.distributed.checkpoint.state_dict import set_optimizer_state_dict
+
+        set_optimizer_state_dict(self.engine.trained, self.optimizer, state, options=self._options())
+
+    def write_shards(self, folder: Path) -> None:
+        self.engine.model.save_checkpoint(
+            str(folder), tag="state", save_latest=False, exclude_frozen_parameters=True
+        )
+
+    def read_shards(self, folder: Path, journal: dict) -> None:
+        saved = journal.get("world")
+        if saved is not None and saved != dist.world():
+            raise ConfigError(
+                f"{folder.parent.name}: DeepSpeed's optimizer was saved on {saved} ranks and cannot be "
+                f"loaded on {dist.world()}; resume on {saved}, or convert it with DeepSpeed's "
+                "ds_to_universal and resume with its universal checkpoint"
+            )
+        self.engine.model.load_checkpoint(
+            str(folder),
+            tag="state",
+            load_module_strict=False,
+            load_optimizer_states=True,
+            load_lr_scheduler_states=False,
+        )

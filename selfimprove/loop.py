@@ -200,8 +200,7 @@ class Loop:
 
         def after_step(step: int, metrics: dict) -> bool:
             journal["global_step"] += 1
-            if self.engine.ema is not None:
-                self.engine.ema.update(self.engine.policy, journal["global_step"])  # t counts from 1
+            self.engine.ema_update(journal["global_step"])  # t counts from 1
             self.logger.log(
                 {"round": r.number, "step": journal["global_step"], **metrics}, journal["global_step"]
             )

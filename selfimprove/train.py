@@ -4,21 +4,22 @@ Each step's batch is drawn from a generator seeded by (seed, round, step), split
 and micro-batch m runs on rank m % world with dropout seeded by (seed, round, step, m). The loss is
 divided by the objective's normalizer over the whole step's batch (contract 3: token-mean,
 sequence-mean or a constant), the same on every rank, so one rank and two ranks compute the same
-gradient. Ranks with fewer micro-batches run a zero-weighted one so DDP sees the same number of
-backward passes everywhere. A step whose loss or gradient is not finite is skipped on every rank.
+gradient. Ranks with fewer micro-batches run a zero-weighted one so every rank runs the same number
+of backward passes (DDP and FSDP reduce on the last; DeepSpeed is told it is the boundary). A step
+whose loss or gradient is not finite is skipped on every rank (under DeepSpeed in bf16/fp32 it is
+only flagged: its step runs inside DeepSpeed, which skips only fp16 overflows).
 """
 
 from __future__ import annotations
 
-import contextlib
 import math
 import random
 from collections.abc import Callable
 
 import torch
 
+from selfimprove import backends, faults
 from selfimprove import distributed as dist
-from selfimprove import faults
 from selfimprove.sampling.hf import forward_inputs, left_pad
 
 # row column -> batch key, for the token-aligned columns collate pads when every example has them
@@ -110,7 +111,7 @@ def update(
     )
     batch_size = cfg.micro_batch_size * cfg.grad_accum
     world = dist.world()
-    trainable = [p for p in model.parameters() if p.requires_grad]
+    deepspeed = backends.is_deepspeed(accelerator)
     model.train()
     for step in range(start_step, cfg.steps_per_round):
         # an objective may train on a per-step view of the rows (DITTO: its sequences or MLE, by a coin)
@@ -127,24 +128,26 @@ def update(
         for i, (j, cpu_batch, weight) in enumerate(mine):
             torch.manual_seed(seed_of_step(step, j))  # dropout: the same masks on any number of ranks
             batch = {k: v.to(accelerator.device) for k, v in cpu_batch.items()}
-            sync = i == len(mine) - 1
-            with contextlib.nullcontext() if sync else accelerator.no_sync(model):
+            with backends.accumulating(accelerator, model, last=i == len(mine) - 1):
                 logits = model(
                     **forward_inputs(batch["input_ids"], batch["attention_mask"], accelerator.device)
                 ).logits
                 loss_sum, _, objective_metrics = objective(logits, batch)
                 if faults.nan_here(f"{fault}:s{step + 1}"):
                     loss_sum = loss_sum * float("nan")
-                # DDP averages gradients over ranks; scaling by world makes it the step's global mean.
-                accelerator.backward(loss_sum * (weight * world / normalizer))
+                # Ranks average gradients; scaling by world makes it the step's global mean.
+                backends.backward(accelerator, model, loss_sum * (weight * world / normalizer))
             loss_total += loss_sum.item() * weight
             for name, (total, count) in objective_metrics.items():
                 old = sums.get(name, (0.0, 0.0))
                 sums[name] = (old[0] + float(total) * weight, old[1] + float(count) * weight)
-        grad_norm = accelerator.clip_grad_norm_(trainable, cfg.max_grad_norm)
-        loss_all, bad, objective_means = _over_ranks(loss_total, not math.isfinite(float(grad_norm)), sums)
+        if deepspeed:  # DeepSpeed clips and steps at the boundary itself
+            grad_norm = backends.deepspeed_step(model)
+        else:
+            grad_norm = backends.clip_and_norm(accelerator, model, cfg.max_grad_norm)
+        loss_all, bad, objective_means = _over_ranks(loss_total, not math.isfinite(grad_norm), sums)
         skipped = bad > 0 or not math.isfinite(loss_all)
-        if not skipped:  # a non-finite step would poison the weights, the EMA and every checkpoint
+        if not skipped and not deepspeed:  # a non-finite step would poison the weights, EMA, checkpoints
             optimizer.step()
         scheduler.step()  # the schedule follows the step count either way
         optimizer.zero_grad(set_to_none=True)
@@ -163,3 +166,4 @@ def update(
         if after_step(step + 1, metrics):
             break
     model.eval()
+    engine.after_update()

@@ -95,7 +95,7 @@ def test_three_ranks_with_an_uneven_split_match_one(tmp_path, uneven_baseline):
 
 @pytest.mark.parametrize(
     ("before", "after", "crash_at"),
-    [(2, 1, "update:r2:s1"), (1, 2, "sample:r2:u1")],
+    [(2, 1, "update:r2:s1"), (1, 2, "sample:r2:u1")],  # 2 -> 3: test_backends (FSDP2)
 )
 def test_resume_on_another_number_of_ranks(tmp_path, uneven_baseline, before, after, crash_at):
     run_dir = tmp_path / "run"

@@ -198,6 +198,7 @@ class HFSampler:
                 attention_mask=attention.to(device),
                 past_key_values=cache,
                 generation_config=gen_cfg,
+                synced_gpus=False,  # each rank samples its own prompts on a whole model (ZeRO-3/FSDP too)
                 logits_processor=LogitsProcessorList([recorder] if recorder else []),
             )
         new = out[:, width:]

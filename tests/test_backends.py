@@ -1,0 +1,120 @@
+"""DeepSpeed ZeRO-2/3 and FSDP2 through accelerate, on two and three CPU ranks over gloo: the same
+weights and EMA as one plain rank, resumable after kill -9 (FSDP2 on another number of ranks)."""
+
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from conftest import TINY, run_cli
+from safetensors.torch import load_file
+from test_resume import samples
+from test_two_ranks import torchrun
+
+from selfimprove import backends, extras
+from selfimprove.config import ConfigError
+
+REPO = Path(__file__).resolve().parents[1]
+needs_deepspeed = pytest.mark.skipif(not extras.available("deepspeed"), reason="needs the deepspeed extra")
+
+
+def assert_same_run(one: Path, other: Path) -> None:
+    """Same last checkpoint (weights and EMA, gathered from shards), every prompt sampled once."""
+    for file in ("model.safetensors", "ema.safetensors"):
+        a = load_file(next((one / "checkpoints").glob("r0002-*")) / file)
+        b = load_file(next((other / "checkpoints").glob("r0002-*")) / file)
+        assert a.keys() == b.keys()
+        for name in a:
+            torch.testing.assert_close(a[name], b[name], atol=1e-5, rtol=1e-4)
+    for round_ in (1, 2):
+        rows = samples(other, round_)
+        assert len({r[:2] for r in rows}) == len(rows) == 8 * 4  # no prompt lost or repeated
+    assert samples(other, 1) == samples(one, 1)
+
+
+def test_fsdp2_killed_on_two_ranks_resumes_on_three(tmp_path, baseline_run):
+    run_dir = tmp_path / "run"
+    args = ["train", *TINY, "launcher=fsdp2", f"run.dir={run_dir}"]
+    killed = run_cli(args, launcher=torchrun(2), env={"SELFIMPROVE_CRASH_AT": "update:r2:s2"}, check=False)
+    assert killed.returncode != 0
+    saved = next((run_dir / "checkpoints").glob("r0001-*"))
+    assert (saved / "optimizer.pt").exists() and not (saved / "optimizer-shards").exists()
+    run_cli([*args, "resume=auto"], launcher=torchrun(3))
+    assert_same_run(baseline_run, run_dir)
+
+
+@needs_deepspeed
+def test_zero2_on_two_ranks_matches_one(tmp_path, baseline_run):
+    run_dir = tmp_path / "run"
+    run_cli(["train", *TINY, "launcher=zero2", f"run.dir={run_dir}"], launcher=torchrun(2))
+    assert_same_run(baseline_run, run_dir)
+
+
+@needs_deepspeed
+def test_zero3_killed_resumes_and_refuses_another_world_size(tmp_path, baseline_run):
+    run_dir = tmp_path / "run"
+    args = ["train", *TINY, "launcher=zero3", f"run.dir={run_dir}"]
+    killed = run_cli(args, launcher=torchrun(2), env={"SELFIMPROVE_CRASH_AT": "update:r2:s2"}, check=False)
+    assert killed.returncode != 0
+    saved = next((run_dir / "checkpoints").glob("r0001-*"))
+    assert len(list((saved / "optimizer-shards").rglob("*optim_states.pt"))) == 2  # one per rank
+
+    # DeepSpeed's optimizer shards load only on as many ranks: refused, named, nothing written
+    other = run_cli([*args, "resume=auto"], check=False)
+    assert other.returncode != 0
+    assert "saved on 2 ranks and cannot be loaded on 1" in other.stderr
+    assert not list((run_dir / "checkpoints").glob("r0002-*"))
+
+    run_cli([*args, "resume=auto"], launcher=torchrun(2))
+    assert_same_run(baseline_run, run_dir)
+
+
+@needs_deepspeed
+@pytest.mark.parametrize("stage", [2, 3])
+def test_zero_configs_validate(stage):
+    from deepspeed.runtime.config import DeepSpeedConfig
+    from omegaconf import OmegaConf
+
+    from selfimprove.config import Config
+
+    cfg = OmegaConf.structured(Config)
+    cfg.launcher.backend, cfg.launcher.zero_stage = "deepspeed", stage
+    cfg.trainer.micro_batch_size, cfg.trainer.max_grad_norm, cfg.model.dtype = 4, 0.5, "bfloat16"
+    ds = DeepSpeedConfig(backends.deepspeed_config(cfg))  # DeepSpeed's own parser and checks
+    assert (ds.zero_optimization_stage, ds.train_micro_batch_size_per_gpu) == (stage, 4)
+    assert ds.gradient_clipping == 0.5 and ds.bfloat16_config.enabled and not ds.float16_config.enabled
+    assert ds.gradient_accumulation_steps == 1  # the update marks each step's boundary itself
+
+
+@pytest.mark.parametrize("name", ["ddp", "zero2", "zero3", "fsdp2"])
+def test_accelerate_config_files_match_the_launcher_options(name):
+    launcher = yaml.safe_load((REPO / "configs" / "launcher" / f"{name}.yaml").read_text())
+    accelerate = yaml.safe_load((REPO / "scripts" / "accelerate" / f"{name}.yaml").read_text())
+    kind = {"ddp": "MULTI_GPU", "deepspeed": "DEEPSPEED", "fsdp2": "FSDP"}[launcher["backend"]]
+    assert accelerate["distributed_type"] == kind
+    if kind == "DEEPSPEED":
+        assert accelerate["deepspeed_config"]["zero_stage"] == launcher["zero_stage"]
+    if kind == "FSDP":
+        assert accelerate["fsdp_config"]["fsdp_version"] == 2
+
+
+def test_a_missing_backend_is_one_line_naming_the_extra(monkeypatch):
+    monkeypatch.setattr(extras, "available", lambda module: False)
+    with pytest.raises(ConfigError) as e:
+        extras.require("deepspeed", "deepspeed", "launcher.backend=deepspeed")
+    assert str(e.value) == "launcher.backend=deepspeed needs deepspeed: pip install 'selfimprove[deepspeed]'"
+
+
+def test_a_launcher_typo_and_a_mismatched_accelerate_launch_are_named(monkeypatch):
+    from omegaconf import OmegaConf
+
+    from selfimprove.config import Config
+
+    cfg = OmegaConf.structured(Config)
+    cfg.launcher.backend = "zero"
+    with pytest.raises(ConfigError, match=r"launcher.backend: 'zero' is not ddp\|deepspeed\|fsdp2"):
+        backends.check(cfg)
+    cfg.launcher.backend = "ddp"
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
+    with pytest.raises(ConfigError, match="launched by accelerate with fsdp2.*add launcher=fsdp2"):
+        backends.check(cfg)
