@@ -60,10 +60,16 @@ def test_bf16_sampling_under_autocast_on_cuda(tiny_cuda):
         torch.testing.assert_close(torch.tensor(got), torch.tensor(row["logprobs"]), atol=0.1, rtol=0.02)
 
 
-@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
-def test_cli_trains_the_tiny_recipe_on_cuda(tmp_path, dtype):
+@pytest.mark.parametrize(
+    ("dtype", "launcher"),
+    [("float32", "ddp"), ("bfloat16", "ddp"), ("bfloat16", "zero3"), ("bfloat16", "fsdp2")],
+)
+def test_cli_trains_the_tiny_recipe_on_cuda(tmp_path, dtype, launcher):
+    """Also ZeRO-3 and FSDP2 with a world of one (one GPU): a full tiny round, through the CLI."""
+    if launcher == "zero3":
+        pytest.importorskip("deepspeed")
     run_dir = tmp_path / "run"
-    run_cli(["train", *TINY, f"model.dtype={dtype}", f"run.dir={run_dir}"])
+    run_cli(["train", *TINY, f"model.dtype={dtype}", f"launcher={launcher}", f"run.dir={run_dir}"])
     lines = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
     rounds = int(next(a.split("=", 1)[1] for a in TINY if a.startswith("loop.rounds=")))
     accuracy = {x["round"]: x["eval/accuracy"] for x in lines if "eval/accuracy" in x}

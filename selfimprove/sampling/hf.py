@@ -10,6 +10,7 @@ from collections.abc import Iterator
 import torch
 from transformers import GenerationConfig, LogitsProcessor, LogitsProcessorList, TopPLogitsWarper
 
+from selfimprove.sampling.prefix import completion_logprobs
 from selfimprove.verify.self_certainty import token_stats
 
 
@@ -221,8 +222,13 @@ class HFSampler:
         return rows
 
 
-def sequence_logprobs(model, prompt_ids: list[list[int]], completion_ids: list[list[int]], pad: int):
-    """Per-token log-probs of given completions under `model` (one forward pass per batch)."""
+def sequence_logprobs(
+    model, prompt_ids: list[list[int]], completion_ids: list[list[int]], pad: int, share_prompts: bool = True
+):
+    """Per-token log-probs of given completions under `model`: on the shared prompt cache (each common
+    prefix and distinct prompt computed once) where there is one, else one pass over whole sequences."""
+    if share_prompts and (shared := completion_logprobs(model, prompt_ids, completion_ids, pad)) is not None:
+        return shared
     seqs = [p + c for p, c in zip(prompt_ids, completion_ids)]
     input_ids, attention = left_pad(seqs, pad)
     device = next(model.parameters()).device
