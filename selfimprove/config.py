@@ -63,7 +63,7 @@ class VLLMConfig:
 @dataclass
 class SamplerConfig:
     backend: str = "hf"  # hf (transformers generate, everywhere) | vllm (GPU, the 'vllm' extra)
-    compile: str = "auto"  # hf: static KV cache + torch.compile; auto = on a GPU only | true | false
+    compile: str = "auto"  # hf: static KV cache + torch.compile: auto (on a GPU) | true | false | static (no compile)
     length_bucket: int = 32  # hf compiled: prompt widths round up to a multiple (few compiled shapes)
     vllm: VLLMConfig = field(default_factory=VLLMConfig)
     n: int = 8

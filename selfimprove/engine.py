@@ -56,7 +56,13 @@ class Engine:
         self.accelerator = backends.make_accelerator(cfg)
         self.device = self.accelerator.device
         self.tokenizer = models.load_tokenizer(cfg.model)
-        self.sampler = HFSampler(self.tokenizer, cfg.sampler.max_prompt_tokens)
+        self.sampler = HFSampler(
+            self.tokenizer,
+            cfg.sampler.max_prompt_tokens,
+            compile=cfg.sampler.compile,
+            length_bucket=cfg.sampler.length_bucket,
+            batch_size=cfg.sampler.batch_size,
+        )
         self.pad = self.tokenizer.pad_token_id
         self._classifiers: dict[str, tuple] = {}
 

@@ -144,15 +144,12 @@ def test_prompt_too_long_names_the_problem(tiny):
         HFSampler(tok, max_prompt_tokens=4).encode(ArithmeticTask().train_problem(0))
 
 
-def test_repeated_prompts_share_one_prefill_and_sample_the_same(tiny, monkeypatch):
-    from selfimprove.sampling import hf
-
+def test_repeated_prompts_share_one_prefill_and_sample_the_same(tiny):
     model, tok = tiny
     sampler = HFSampler(tok)
     prompts = [p for p in mixed_length_prompts(sampler) for _ in range(4)]
-    assert hf.repeats(prompts) == 4 and hf.repeats(prompts[:5]) == 1 and hf.repeats(prompts[::4]) == 1
     shared = sampler.generate(model, prompts, max_new_tokens=5, seed=2)
-    monkeypatch.setattr(hf, "shared_prompt_cache", lambda *args: None)
+    sampler.share_prompts = False
     each = sampler.generate(model, prompts, max_new_tokens=5, seed=2)
     assert [r["completion_ids"] for r in shared] == [r["completion_ids"] for r in each]
     for a, b in zip(shared, each):

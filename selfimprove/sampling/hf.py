@@ -8,15 +8,21 @@ import copy
 from collections.abc import Iterator
 
 import torch
-from transformers import GenerationConfig, LogitsProcessor, LogitsProcessorList, TopPLogitsWarper
+from transformers import (
+    CompileConfig,
+    GenerationConfig,
+    LogitsProcessor,
+    LogitsProcessorList,
+    TopPLogitsWarper,
+)
 
-from selfimprove.sampling.prefix import completion_logprobs
+from selfimprove.sampling.prefix import completion_logprobs, prompt_cache
 from selfimprove.verify.self_certainty import token_stats
 
 
-def left_pad(seqs: list[list[int]], pad: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Token ids and attention mask with every sequence ending at the right edge."""
-    width = max(len(s) for s in seqs)
+def left_pad(seqs: list[list[int]], pad: int, width: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token ids and attention mask with every sequence ending at the right edge (of `width`)."""
+    width = max(max(len(s) for s in seqs), width or 0)
     input_ids = torch.full((len(seqs), width), pad, dtype=torch.long)
     attention = torch.zeros_like(input_ids)
     for i, s in enumerate(seqs):
@@ -108,38 +114,54 @@ def neutral_generation_defaults(model: torch.nn.Module) -> Iterator[None]:
             m.generation_config = config
 
 
-def repeats(prompts: list[list[int]]) -> int:
-    """n when the prompts are each distinct prompt repeated n times in a row (how rounds sample), else 1."""
-    n = 1
-    while n < len(prompts) and prompts[n] == prompts[0]:
-        n += 1
-    if len(prompts) % n or any(prompts[i] != prompts[i - i % n] for i in range(len(prompts))):
-        return 1
-    return n
+def bucket(size: int, limit: int) -> int:
+    """The next power of two ≥ size, at most max(size, limit): batch shapes the compiled decoder sees."""
+    return min(1 << (size - 1).bit_length(), max(size, limit))
 
 
-@torch.no_grad()
-def shared_prompt_cache(model, input_ids: torch.Tensor, attention: torch.Tensor, n: int):
-    """The key/value cache of every prompt but its last token, computed once per distinct prompt and
-    repeated over its n samples; None when there is nothing to share (n = 1, one-token prompts).
-
-    A round's prompt (≈ 46 tokens) is far longer than its answer (6 tokens), so prefilling it once
-    instead of n times is most of sampling's cost. generate then runs only the last prompt token."""
-    if n == 1 or input_ids.shape[1] < 2:
-        return None
-    device = next(model.parameters()).device
-    distinct = forward_inputs(input_ids[::n, :-1], attention[::n, :-1], device)
-    cache = model(**distinct, use_cache=True, logits_to_keep=1).past_key_values
-    cache.batch_repeat_interleave(n)
-    return cache
+def compile_mode(setting: str | bool, device: torch.device) -> tuple[bool, bool]:
+    """(static KV cache, torch.compile) for `sampler.compile`: auto = both on a GPU only; true = both
+    (on a CPU too); false = neither; "static" = the static cache without compiling (tests on a CPU)."""
+    setting = str(setting).lower()
+    if setting not in ("auto", "true", "false", "static"):
+        raise ValueError(f"sampler.compile: {setting!r} is not auto|true|false|static")
+    on_gpu = device.type == "cuda"
+    static = setting in ("true", "static") or (setting == "auto" and on_gpu)
+    return static, static and setting != "static"
 
 
 class HFSampler:
-    """Builds prompts from chat messages and samples completions with transformers."""
+    """Builds prompts from chat messages and samples completions with transformers.
 
-    def __init__(self, tokenizer, max_prompt_tokens: int = 512) -> None:
+    Two ways to run `generate`, picked per device by `sampler.compile`:
+    - eager (the CPU default): a dynamic KV cache on which the prompts' shared tokens are prefilled
+      once (`prefix.prompt_cache`: the chat template's common prefix, then each distinct prompt), so
+      only each row's last prompt token runs in generate. On a CPU prefill is most of sampling.
+    - compiled (the GPU default): a static KV cache and torch.compile of the decoding step, which on a
+      GPU is latency-bound (≈ 40–58 eager steps/s on an H100 whatever the batch). Shapes are bucketed
+      — the batch padded to a power of two (≤ batch_size) with copies of its first prompt, the prompt
+      width to a multiple of `length_bucket` — so a run compiles a few shapes, not one per call.
+      Prefill is not shared here (a compiled static cache is filled by generate itself); on a GPU
+      the prompt's prefill is one parallel pass and costs little next to the decode steps.
+    Either way the recorder sees every step's logits (it runs outside the compiled forward).
+    """
+
+    def __init__(
+        self,
+        tokenizer,
+        max_prompt_tokens: int = 512,
+        *,
+        compile: str | bool = "auto",
+        length_bucket: int = 32,
+        batch_size: int = 64,
+    ) -> None:
         self.tokenizer = tokenizer
         self.max_prompt_tokens = max_prompt_tokens
+        self.compile = compile
+        self.length_bucket = length_bucket
+        self.batch_size = batch_size
+        self.share_prompts = True  # eager: prefill shared tokens once (off: the benchmark's baseline)
+        compile_mode(compile, torch.device("cpu"))  # a bad setting fails at construction
 
     def encode(self, problem) -> list[int]:
         """The chat template with the assistant turn started by the prefill; a problem without messages
@@ -178,9 +200,8 @@ class HFSampler:
         if limit and max(len(p) for p in prompts) + max_new_tokens > limit:
             raise ValueError(f"prompt + max_new_tokens exceeds the model's context of {limit} tokens")
         pad = self.tokenizer.pad_token_id
-        input_ids, attention = left_pad(prompts, pad)
-        width = input_ids.shape[1]
         device = next(model.parameters()).device
+        static, compiled = compile_mode(self.compile, device)
         gen_cfg = GenerationConfig(
             do_sample=not greedy,
             temperature=temperature if not greedy else None,
@@ -190,8 +211,24 @@ class HFSampler:
             pad_token_id=pad,
             eos_token_id=self.tokenizer.eos_token_id,
         )
+        n_rows = len(prompts)
+        cache = None
+        if static:
+            gen_cfg.cache_implementation = "static"
+            gen_cfg.disable_compile = not compiled
+            if compiled:
+                gen_cfg.compile_config = CompileConfig(dynamic=False)  # one graph per bucketed shape
+                if device.type != "cuda":  # transformers compiles on accelerators only, unless told
+                    gen_cfg.compile_config._compile_all_devices = True
+            batch = prompts + [prompts[0]] * (bucket(n_rows, self.batch_size) - n_rows)
+            step = self.length_bucket
+            input_ids, attention = left_pad(batch, pad, width=-(-max(len(p) for p in batch) // step) * step)
+        elif self.share_prompts and (shared := prompt_cache(model, prompts, pad)) is not None:
+            input_ids, attention, cache = shared.input_ids, shared.attention_mask, shared.cache
+        else:
+            input_ids, attention = left_pad(prompts, pad)
+        width = input_ids.shape[1]
         recorder = StatsRecorder(*((1.0, 1.0) if greedy else (temperature, top_p))) if record else None
-        cache = shared_prompt_cache(model, input_ids, attention, repeats(prompts))
         torch.manual_seed(seed)
         with neutral_generation_defaults(model):
             out = model.generate(
@@ -202,9 +239,9 @@ class HFSampler:
                 synced_gpus=False,  # each rank samples its own prompts on a whole model (ZeRO-3/FSDP too)
                 logits_processor=LogitsProcessorList([recorder] if recorder else []),
             )
-        new = out[:, width:]
+        new = out[:n_rows, width:]
         if recorder:
-            recorder.finish(new)  # on the device, like the logits it gathers from
+            recorder.finish(out[:, width:])  # on the device, like the logits it gathers from
             stats = recorder.stacked()
         new = new.cpu()
         rows = []
