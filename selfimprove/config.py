@@ -56,15 +56,17 @@ class VLLMConfig:
     sleep: bool = True  # free vLLM's weights and KV cache while the trainer runs
     sync_timeout_s: float = 300.0  # a weight push that takes longer fails the run with an error
     probe_tolerance: float = 0.05  # max |log-prob difference| (nats/token) of the probe after a push
-    logprobs_topk: int = 20  # top-k log-probs per token; self-certainty is computed from these
+    logprobs_topk: int = 20  # top-k log-probs per token; self-certainty approximated from them (-1: all)
     enforce_eager: bool = False
 
 
 @dataclass
 class SamplerConfig:
     backend: str = "hf"  # hf (transformers generate, everywhere) | vllm (GPU, the 'vllm' extra)
-    compile: str = "auto"  # hf: static KV cache + torch.compile: auto (on a GPU) | true | false | static (no compile)
-    length_bucket: int = 32  # hf compiled: prompt widths round up to a multiple (few compiled shapes)
+    compile: str = (
+        "auto"  # hf: static KV cache + torch.compile: auto (on a GPU) | true | false | static (no compile)
+    )
+    length_bucket: int = 32  # hf static cache: prompt widths round up to a multiple (few compiled shapes)
     vllm: VLLMConfig = field(default_factory=VLLMConfig)
     n: int = 8
     temperature: float = 1.0
@@ -243,11 +245,11 @@ def validate_targets(cfg: DictConfig) -> None:
             if group in entry.overrides:
                 walk(f"schedule.{entry.name}.{group}", scheduled[group])
         check_stage_columns(scheduled)
-    if cfg.sampler.backend != "hf":
-        raise ConfigError(
-            f"sampler.backend: {cfg.sampler.backend!r} is not available; this version samples with 'hf' "
-            "(transformers generate). vLLM needs a GPU and the 'vllm' extra: pip install 'selfimprove[vllm]'"
-        )
+    if cfg.sampler.backend == "vllm" and cfg.model.kind == "tiny":
+        raise ConfigError("sampler.backend=vllm loads a model folder; model.kind=tiny is built in code")
+    from selfimprove.sampling.vllm import check_backend  # it imports this module
+
+    check_backend(cfg.sampler.backend)  # hf | vllm (where vllm imports and a CUDA GPU is visible)
     _check_model(cfg)
     from selfimprove import backends  # it imports this module
 

@@ -63,6 +63,14 @@ class Engine:
             length_bucket=cfg.sampler.length_bucket,
             batch_size=cfg.sampler.batch_size,
         )
+        # sampler.backend=vllm: the policy samples on a colocated vLLM engine (weights pushed after each
+        # update); the base and EMA weights, rarely sampled, stay with transformers
+        self.vllm = None
+        if cfg.sampler.backend == "vllm":
+            from selfimprove.sampling.vllm import VLLMSampler
+
+            self.vllm = VLLMSampler(self.tokenizer, models.model_path(cfg.model), cfg.sampler, cfg.seed)
+        self.sync: dict[str, float] = {}  # the last push's probe, for the round's record
         self.pad = self.tokenizer.pad_token_id
         self._classifiers: dict[str, tuple] = {}
 
@@ -109,10 +117,18 @@ class Engine:
         if self.ema is not None:
             self.ema.update(self.trained, global_step)
 
+    def before_update(self) -> None:
+        """Before each update phase: vLLM frees its GPU memory for the trainer."""
+        if self.vllm is not None:
+            self.vllm.sleep()
+
     def after_update(self) -> None:
-        """Collective, after each update phase: the sampling copy takes the trained weights."""
+        """Collective, after each update phase: the sampling copy takes the trained weights, and vLLM
+        takes them from it (verified by its log-prob probe)."""
         if self.partitioned:
             self._push(self.policy)
+        if self.vllm is not None:
+            self.sync = {"sampler/probe_max_abs_diff": self.vllm.push(self.policy)}
 
     def _push(self, target: torch.nn.Module) -> None:
         models.load_trainable(target, backends.gather(self.trained))
@@ -144,6 +160,8 @@ class Engine:
 
     # ----- what stages ask of the model -----
     def generate(self, prompts: list[list[int]], weights: str = "policy", **gen) -> list[dict]:
+        if self.vllm is not None and weights == "policy":
+            return self.vllm.generate(None, prompts, **gen)
         with self._weights(weights) as model, self.accelerator.autocast():
             return self.sampler.generate(model, prompts, **gen)
 

@@ -223,6 +223,7 @@ class Loop:
                 fault=f"update:r{r.number}",
             )
         r.compute["train"] = r.seconds["update"]  # the whole update call is compute (collate to EMA)
+        r.record.update(self.engine.sync)  # vLLM's probe after its weight push
         bar.close()
         return not _stop["requested"]
 

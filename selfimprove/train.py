@@ -112,6 +112,7 @@ def update(
     batch_size = cfg.micro_batch_size * cfg.grad_accum
     world = dist.world()
     deepspeed = backends.is_deepspeed(accelerator)
+    engine.before_update()
     model.train()
     for step in range(start_step, cfg.steps_per_round):
         # an objective may train on a per-step view of the rows (DITTO: its sequences or MLE, by a coin)

@@ -9,7 +9,6 @@ from collections.abc import Iterator
 
 import torch
 from transformers import (
-    CompileConfig,
     GenerationConfig,
     LogitsProcessor,
     LogitsProcessorList,
@@ -17,6 +16,14 @@ from transformers import (
 )
 
 from selfimprove.sampling.prefix import completion_logprobs, prompt_cache
+from selfimprove.sampling.static import (
+    FinishRows,
+    StaticCaches,
+    bucket,
+    compile_config,
+    compile_mode,
+    round_up,
+)
 from selfimprove.verify.self_certainty import token_stats
 
 
@@ -114,35 +121,19 @@ def neutral_generation_defaults(model: torch.nn.Module) -> Iterator[None]:
             m.generation_config = config
 
 
-def bucket(size: int, limit: int) -> int:
-    """The next power of two ≥ size, at most max(size, limit): batch shapes the compiled decoder sees."""
-    return min(1 << (size - 1).bit_length(), max(size, limit))
-
-
-def compile_mode(setting: str | bool, device: torch.device) -> tuple[bool, bool]:
-    """(static KV cache, torch.compile) for `sampler.compile`: auto = both on a GPU only; true = both
-    (on a CPU too); false = neither; "static" = the static cache without compiling (tests on a CPU)."""
-    setting = str(setting).lower()
-    if setting not in ("auto", "true", "false", "static"):
-        raise ValueError(f"sampler.compile: {setting!r} is not auto|true|false|static")
-    on_gpu = device.type == "cuda"
-    static = setting in ("true", "static") or (setting == "auto" and on_gpu)
-    return static, static and setting != "static"
-
-
 class HFSampler:
     """Builds prompts from chat messages and samples completions with transformers.
 
-    Two ways to run `generate`, picked per device by `sampler.compile`:
-    - eager (the CPU default): a dynamic KV cache on which the prompts' shared tokens are prefilled
-      once (`prefix.prompt_cache`: the chat template's common prefix, then each distinct prompt), so
-      only each row's last prompt token runs in generate. On a CPU prefill is most of sampling.
-    - compiled (the GPU default): a static KV cache and torch.compile of the decoding step, which on a
-      GPU is latency-bound (≈ 40–58 eager steps/s on an H100 whatever the batch). Shapes are bucketed
-      — the batch padded to a power of two (≤ batch_size) with copies of its first prompt, the prompt
-      width to a multiple of `length_bucket` — so a run compiles a few shapes, not one per call.
-      Prefill is not shared here (a compiled static cache is filled by generate itself); on a GPU
-      the prompt's prefill is one parallel pass and costs little next to the decode steps.
+    Two ways to run `generate`, picked per device by `sampler.compile`; either way each prompt's
+    shared tokens are prefilled once (`prefix.prompt_cache`: the chat template's common prefix, then
+    each distinct prompt, repeated over its samples) and generate runs from each row's last token:
+    - eager (the CPU default): on a dynamic KV cache. On a CPU prefill is most of sampling.
+    - static (the GPU default, compiled): on a static KV cache, whose decoding step transformers runs
+      through torch.compile; a GPU decodes eagerly at ≈ 40–58 steps/s on an H100 whatever the batch.
+      Shapes are bucketed (`static.bucket`: rows to a power of two, with copies of the first prompt
+      that are made to stop at once and dropped; the width to a multiple of `length_bucket`), and
+      one cache per shape is kept (`static.StaticCaches`), so a run compiles a few shapes, not one
+      per call. The shared prefill is copied into the static cache's layers.
     Either way the recorder sees every step's logits (it runs outside the compiled forward).
     """
 
@@ -160,7 +151,8 @@ class HFSampler:
         self.compile = compile
         self.length_bucket = length_bucket
         self.batch_size = batch_size
-        self.share_prompts = True  # eager: prefill shared tokens once (off: the benchmark's baseline)
+        self.share_prompts = True  # prefill each prompt's shared tokens once (off: a benchmark's baseline)
+        self.caches = StaticCaches()  # the static path's KV caches, one per bucketed shape
         compile_mode(compile, torch.device("cpu"))  # a bad setting fails at construction
 
     def encode(self, problem) -> list[int]:
@@ -211,18 +203,24 @@ class HFSampler:
             pad_token_id=pad,
             eos_token_id=self.tokenizer.eos_token_id,
         )
-        n_rows = len(prompts)
-        cache = None
+        n_rows, eos = len(prompts), self.tokenizer.eos_token_id
+        cache, finish = None, []
         if static:
-            gen_cfg.cache_implementation = "static"
             gen_cfg.disable_compile = not compiled
-            if compiled:
-                gen_cfg.compile_config = CompileConfig(dynamic=False)  # one graph per bucketed shape
-                if device.type != "cuda":  # transformers compiles on accelerators only, unless told
-                    gen_cfg.compile_config._compile_all_devices = True
+            gen_cfg.compile_config = compile_config(device) if compiled else None
             batch = prompts + [prompts[0]] * (bucket(n_rows, self.batch_size) - n_rows)
-            step = self.length_bucket
-            input_ids, attention = left_pad(batch, pad, width=-(-max(len(p) for p in batch) // step) * step)
+            filled = self.caches.fill(
+                model, batch, pad, self.length_bucket, max_new_tokens, self.share_prompts
+            )
+            if filled is not None:
+                cache, input_ids, attention = filled
+            else:  # sliding-window layers or one-token prompts: generate fills its own static cache
+                gen_cfg.cache_implementation = "static"
+                input_ids, attention = left_pad(
+                    batch, pad, width=round_up(max(map(len, batch)), self.length_bucket)
+                )
+            if len(batch) > n_rows and eos is not None:
+                finish = [FinishRows(n_rows, eos)]
         elif self.share_prompts and (shared := prompt_cache(model, prompts, pad)) is not None:
             input_ids, attention, cache = shared.input_ids, shared.attention_mask, shared.cache
         else:
@@ -237,7 +235,7 @@ class HFSampler:
                 past_key_values=cache,
                 generation_config=gen_cfg,
                 synced_gpus=False,  # each rank samples its own prompts on a whole model (ZeRO-3/FSDP too)
-                logits_processor=LogitsProcessorList([recorder] if recorder else []),
+                logits_processor=LogitsProcessorList(([recorder] if recorder else []) + finish),
             )
         new = out[:n_rows, width:]
         if recorder:
@@ -245,8 +243,7 @@ class HFSampler:
             stats = recorder.stacked()
         new = new.cpu()
         rows = []
-        eos = self.tokenizer.eos_token_id
-        for i in range(len(prompts)):
+        for i in range(n_rows):
             ids = new[i].tolist()
             n = ids.index(eos) + 1 if eos in ids else len(ids)  # keep the EOS: it is a decision too
             row = {

@@ -1,0 +1,252 @@
+"""The vLLM backend's pure parts (vLLM itself cannot run here: no GPU, not installed)."""
+
+import copy
+import math
+import time
+from dataclasses import dataclass, field
+
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+
+from selfimprove.cli import CONFIG_DIR
+from selfimprove.config import ConfigError, register, validate_targets
+from selfimprove.sampling import vllm as V
+from selfimprove.verify.self_certainty import token_stats
+
+register()
+
+
+# These mirror vLLM 0.33.0's classes (vllm/logprobs.py Logprob; vllm/outputs.py CompletionOutput and
+# RequestOutput), attribute for attribute as far as rows_from_outputs reads them, because vLLM
+# cannot run here.
+@dataclass
+class Logprob:
+    logprob: float
+    rank: int | None = None
+    decoded_token: str | None = None
+
+
+@dataclass
+class CompletionOutput:
+    index: int
+    text: str
+    token_ids: list[int]
+    cumulative_logprob: float | None
+    logprobs: list[dict[int, Logprob]] | None
+    finish_reason: str | None = None
+
+
+@dataclass
+class RequestOutput:
+    request_id: str
+    prompt: str | None
+    prompt_token_ids: list[int]
+    prompt_logprobs: list | None
+    outputs: list[CompletionOutput] = field(default_factory=list)
+    finished: bool = True
+
+
+class Tok:
+    eos_token_id = 2
+
+    def decode(self, ids, skip_special_tokens=True):
+        return " ".join(str(i) for i in ids if not (skip_special_tokens and i == self.eos_token_id))
+
+
+def test_collapse_and_expand_keep_order():
+    prompts = [[1], [1], [2], [1], [1], [1], [3]]
+    groups = V.collapse_repeats(prompts)
+    assert groups == [([1], 2), ([2], 1), ([1], 3), ([3], 1)]
+    counts = [c for _, c in groups]
+    per_request = [[(tuple(p), j) for j in range(c)] for p, c in groups]
+    flat = V.expand(per_request, counts)
+    assert [list(p) for p, _ in flat] == prompts
+    with pytest.raises(ValueError):
+        V.expand(per_request, [2, 1, 3, 2])
+    seeds = V.request_seeds(5, counts)  # vLLM's child k takes seed + k: one distinct seed per row
+    row_seeds = [s + k for s, c in zip(seeds, counts) for k in range(c)]
+    assert len(set(row_seeds)) == len(prompts)
+
+
+def dist(vocab=10, seed=0):
+    return torch.randn(vocab, generator=torch.Generator().manual_seed(seed)) * 2
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_topk_stats_exact_at_full_vocab_and_close_with_topk(temperature):
+    logits = dist()
+    _, sc, ent = token_stats(logits)
+    q = torch.log_softmax(logits / temperature, dim=-1)  # vLLM's processed log-probs
+    full_sc, full_ent = V.topk_token_stats(q.tolist(), 10, temperature)
+    assert full_sc == pytest.approx(float(sc), abs=1e-5)
+    assert full_ent == pytest.approx(float(ent), abs=1e-5)
+    top = q.topk(7).values.tolist()
+    approx_sc, approx_ent = V.topk_token_stats(top, 10, temperature)
+    assert math.isfinite(approx_sc) and approx_sc >= 0
+    assert approx_ent == pytest.approx(float(ent), abs=0.3)
+    # k = V with a hand-made distribution
+    p = torch.tensor([0.5, 0.25, 0.125, 0.125])
+    _, sc4, ent4 = token_stats(p.log())
+    assert V.topk_token_stats(p.log().tolist(), 4) == pytest.approx((float(sc4), float(ent4)), abs=1e-6)
+    # uniform tail is exact when the tail is uniform
+    p = torch.tensor([0.4, 0.3, 0.1, 0.1, 0.1])
+    _, sc5, ent5 = token_stats(p.log())
+    assert V.topk_token_stats(p.log()[:2].tolist(), 5) == pytest.approx((float(sc5), float(ent5)), abs=1e-6)
+
+
+def test_rows_from_outputs():
+    def pos(chosen, lp, others):
+        d = {chosen: Logprob(lp, rank=1)}
+        d.update({t: Logprob(v, rank=i + 2) for i, (t, v) in enumerate(others)})
+        return d
+
+    lps = [pos(5, -0.1, [(6, -2.5)]), pos(2, -0.3, [(7, -1.5)]), pos(9, -0.2, [])]
+    comp = CompletionOutput(0, "", [5, 2, 9], None, lps)  # tokens after the EOS are cut
+    comp2 = CompletionOutput(1, "", [7], None, [pos(7, -0.05, [(5, -3.0)])])
+    out = RequestOutput("0", None, [1, 1], None, [comp, comp2])
+    (rows,) = V.rows_from_outputs([out], Tok.eos_token_id, Tok(), vocab=10)
+    assert rows[0]["completion_ids"] == [5, 2] and rows[0]["completion"] == "5"
+    assert rows[0]["logprobs"] == [-0.1, -0.3]
+    assert len(rows[0]["self_certainty"]) == len(rows[0]["entropy"]) == 2
+    sc, ent = V.topk_token_stats([-0.1, -2.5], 10)
+    assert rows[0]["self_certainty"][0] == pytest.approx(sc) and rows[0]["entropy"][0] == pytest.approx(ent)
+    assert rows[1]["completion_ids"] == [7] and rows[1]["logprobs"] == [-0.05]
+    (plain,) = V.rows_from_outputs([out], Tok.eos_token_id, Tok(), record=False)
+    assert set(plain[0]) == {"completion_ids", "completion"}
+
+
+def tiny_llama():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(
+        vocab_size=100,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+    )
+    return LlamaForCausalLM(cfg).eval()
+
+
+def test_merged_state_dict_reproduces_the_lora_model():
+    from peft import LoraConfig, get_peft_model
+
+    base = tiny_llama()
+    plain = copy.deepcopy(base)
+    assert set(V.merged_state_dict(plain)) == set(plain.state_dict())
+    lora = get_peft_model(
+        base,
+        LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"], lora_dropout=0.0),
+    )
+    with torch.no_grad():
+        for name, p in lora.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.5)
+    lora.eval()
+    merged = V.merged_state_dict(lora)
+    assert not any("lora_" in k or "base_layer" in k or k.startswith("base_model") for k in merged)
+    assert set(merged) == set(plain.state_dict())
+    ids = torch.randint(0, 100, (2, 12), generator=torch.Generator().manual_seed(1))
+    before = plain(ids).logits
+    plain.load_state_dict(merged)
+    with torch.no_grad():
+        want, got = lora(input_ids=ids).logits, plain(ids).logits
+    assert not torch.allclose(before, want, atol=1e-3)  # the adapter changes the model
+    torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+
+
+def test_probe_pass_and_fail():
+    a = [[-1.0, -2.0], [-0.5]]
+    assert V.check_probe(V.probe_max_diff(a, [[-1.01, -2.0], [-0.5]]), 0.05) == pytest.approx(0.01)
+    with pytest.raises(V.WeightSyncError, match="probe_tolerance=0.05"):
+        V.check_probe(V.probe_max_diff(a, [[-1.0, -2.3], [-0.5]]), 0.05)
+    with pytest.raises(V.WeightSyncError):
+        V.check_probe(float("nan"), 0.05)
+    with pytest.raises(ValueError):
+        V.probe_max_diff(a, [[-1.0], [-0.5]])
+
+
+def test_run_with_deadline():
+    assert V.run_with_deadline(lambda: 7, 5.0, "fast") == 7
+    with pytest.raises(V.WeightSyncTimeout, match=r"sampler\.vllm\.sync_timeout_s=0\.2"):
+        V.run_with_deadline(lambda: time.sleep(3), 0.2, "vLLM weight push")
+
+    def boom():
+        raise KeyError("x")
+
+    with pytest.raises(KeyError):
+        V.run_with_deadline(boom, 5.0, "failing")
+
+
+def test_config_check_is_one_line():
+    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+        tiny = compose("config", overrides=["sampler=vllm", "model=tiny"])
+        cfg = compose("config", overrides=["sampler=vllm"])
+    with pytest.raises(ConfigError, match="model.kind=tiny is built in code"):
+        validate_targets(tiny)
+    assert cfg.sampler.backend == "vllm" and cfg.sampler.vllm.logprobs_topk == 20
+    with pytest.raises(ConfigError) as e:
+        validate_targets(cfg)
+    msg = str(e.value)
+    assert "\n" not in msg
+    assert msg in (
+        "sampler.backend=vllm needs vllm: pip install 'selfimprove[vllm]'",
+        "sampler.backend=vllm needs a CUDA GPU",
+    )
+    with pytest.raises(ConfigError, match=r"'sglang' is not hf\|vllm"):
+        V.check_backend("sglang")
+    V.check_backend("hf")
+
+
+def test_engine_sleeps_before_the_update_pushes_after_and_samples_the_policy_there(monkeypatch):
+    """The engine's side of the contract, with a stand-in for vLLM (which cannot run here): a plain
+    transformers copy that loads what `push` sends (merged_state_dict) and is probed like vLLM is."""
+    from accelerate.state import AcceleratorState
+    from test_engine import cfg_of, one_step
+
+    from selfimprove import models
+    from selfimprove.engine import Engine
+    from selfimprove.sampling.hf import HFSampler, sequence_logprobs
+
+    cfg = cfg_of("sampler=vllm", "trainer.lr=0.05")
+
+    class StandIn:
+        def __init__(self, tokenizer, model_path, cfg_sampler, seed):
+            self.hf, self.events, self.copy = HFSampler(tokenizer, cfg_sampler.max_prompt_tokens), [], None
+
+        def generate(self, model, prompts, **gen):
+            self.events.append("generate")
+            return self.hf.generate(self.copy, prompts, **gen)
+
+        def sleep(self):
+            self.events.append("sleep")
+
+        def push(self, model):
+            self.events.append("push")
+            self.copy = models.load_model(cfg.model)  # the architecture; its weights replaced:
+            self.copy.load_state_dict(V.merged_state_dict(model))
+            probe = V.probe_sequences(64)
+            ours, theirs = (
+                sequence_logprobs(m.eval(), [p[:1] for p in probe], [p[1:] for p in probe], 0)
+                for m in (self.copy, model)
+            )
+            return V.check_probe(V.probe_max_diff(ours, theirs), 1e-4)
+
+    monkeypatch.setattr(V, "VLLMSampler", StandIn)
+    AcceleratorState._reset_state(reset_partial_state=True)
+    engine = Engine(cfg)
+    one_step(engine, cfg)
+    assert engine.vllm.events == ["sleep", "push"]
+    assert engine.sync["sampler/probe_max_abs_diff"] < 1e-4
+
+    prompts = [engine.tokenizer("What is 2 + 3?")["input_ids"]] * 2
+    sampled = engine.generate(prompts, max_new_tokens=6, greedy=True)
+    assert engine.vllm.events[-1] == "generate"
+    direct = engine.sampler.generate(engine.policy, prompts, max_new_tokens=6, greedy=True)
+    assert [r["completion_ids"] for r in sampled] == [r["completion_ids"] for r in direct]
+    engine.generate(prompts, weights="base", max_new_tokens=2)  # the base stays with transformers
+    assert engine.vllm.events.count("generate") == 1
