@@ -32,12 +32,17 @@ def assert_same_run(one: Path, other: Path) -> None:
     assert samples(other, 1) == samples(one, 1)
 
 
+def killed_in_round_two(args: list[str], run_dir: Path) -> Path:
+    """Runs on two ranks, killed in round 2's update; returns round 1's checkpoint."""
+    killed = run_cli(args, launcher=torchrun(2), env={"SELFIMPROVE_CRASH_AT": "update:r2:s2"}, check=False)
+    assert killed.returncode != 0
+    return next((run_dir / "checkpoints").glob("r0001-*"))
+
+
 def test_fsdp2_killed_on_two_ranks_resumes_on_three(tmp_path, baseline_run):
     run_dir = tmp_path / "run"
     args = ["train", *TINY, "launcher=fsdp2", f"run.dir={run_dir}"]
-    killed = run_cli(args, launcher=torchrun(2), env={"SELFIMPROVE_CRASH_AT": "update:r2:s2"}, check=False)
-    assert killed.returncode != 0
-    saved = next((run_dir / "checkpoints").glob("r0001-*"))
+    saved = killed_in_round_two(args, run_dir)
     assert (saved / "optimizer.pt").exists() and not (saved / "optimizer-shards").exists()
     run_cli([*args, "resume=auto"], launcher=torchrun(3))
     assert_same_run(baseline_run, run_dir)
@@ -54,9 +59,7 @@ def test_zero2_on_two_ranks_matches_one(tmp_path, baseline_run):
 def test_zero3_killed_resumes_and_refuses_another_world_size(tmp_path, baseline_run):
     run_dir = tmp_path / "run"
     args = ["train", *TINY, "launcher=zero3", f"run.dir={run_dir}"]
-    killed = run_cli(args, launcher=torchrun(2), env={"SELFIMPROVE_CRASH_AT": "update:r2:s2"}, check=False)
-    assert killed.returncode != 0
-    saved = next((run_dir / "checkpoints").glob("r0001-*"))
+    saved = killed_in_round_two(args, run_dir)
     assert len(list((saved / "optimizer-shards").rglob("*optim_states.pt"))) == 2  # one per rank
 
     # DeepSpeed's optimizer shards load only on as many ranks: refused, named, nothing written
