@@ -103,7 +103,9 @@ def _render(script: Path, shim_dir: Path, nnodes: int, *args: str, **extra) -> l
     return shlex.split(out.stdout)
 
 
-@pytest.mark.parametrize("path", [*SCRIPTS, SLURM / "train.sh", ROOT / "scripts" / "setup.sh"], ids=lambda p: p.name)
+@pytest.mark.parametrize(
+    "path", [*SCRIPTS, SLURM / "train.sh", ROOT / "scripts" / "setup.sh"], ids=lambda p: p.name
+)
 def test_bash_syntax(path):
     out = subprocess.run(["bash", "-n", str(path)], capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
