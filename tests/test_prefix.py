@@ -35,7 +35,7 @@ def test_shared_logprobs_equal_whole_sequences(tiny, n):
     prompts = _prompts(tok, n)
     completions = [[(7 * i + j) % 500 + 10 for j in range(1 + i % 4)] for i in range(len(prompts))]
     shared = prompt_cache(model, prompts, tok.pad_token_id)
-    assert shared is not None and shared.cached == shared.input_ids.shape[1] - 1
+    assert shared is not None and shared.cache.get_seq_length() == shared.input_ids.shape[1]
     assert sum(len(p) for p in prompts) > shared.input_ids.shape[0]  # something is shared
     got = sequence_logprobs(model, prompts, completions, tok.pad_token_id)
     want = sequence_logprobs(model, prompts, completions, tok.pad_token_id, share_prompts=False)
@@ -47,4 +47,5 @@ def test_shared_logprobs_equal_whole_sequences(tiny, n):
 def test_nothing_to_share_falls_back(tiny):
     model, tok = tiny
     assert prompt_cache(model, [[5, 6], [7, 8]], tok.pad_token_id) is None  # distinct, no common prefix
-    assert prompt_cache(model, [[5], [5]], tok.pad_token_id) is None  # one-token prompts
+    one_token = prompt_cache(model, [[5], [5]], tok.pad_token_id)  # one prompt twice: computed once
+    assert one_token is not None and one_token.input_ids.tolist() == [[5], [5]]

@@ -159,3 +159,45 @@ def test_repeated_prompts_share_one_prefill_and_sample_the_same(tiny):
         torch.testing.assert_close(
             torch.tensor(a["entropy"]), torch.tensor(b["entropy"]), atol=2e-4, rtol=1e-4
         )
+
+
+class EosAs:
+    """The tokenizer with only its EOS id replaced."""
+
+    def __init__(self, tokenizer, eos: int) -> None:
+        self._tokenizer, self.eos_token_id = tokenizer, eos
+
+    def __getattr__(self, name):
+        return getattr(self._tokenizer, name)
+
+
+def test_finished_rows_leave_the_batch_and_change_no_other_row(opinionated):
+    """Greedy with an EOS no row reaches, then with EOS = a token some rows emit early: each row is the
+    first run cut at its first EOS, statistics included, and once a row has finished the decode steps
+    run fewer rows. The first token comes from the prefill: one decode forward per later token."""
+    model, tok = opinionated
+    prompts = [p for p in mixed_length_prompts(HFSampler(tok)) for _ in range(2)]
+    unreachable = HFSampler(EosAs(tok, model.config.vocab_size))
+    full = unreachable.generate(model, prompts, max_new_tokens=6, greedy=True)
+    eos = full[0]["completion_ids"][1]  # row 0 and its copy finish by their second token, others may
+    rows_per_forward = []
+    hook = model.model.embed_tokens.register_forward_hook(
+        lambda m, args, out: rows_per_forward.append(args[0].shape)
+    )
+    try:
+        cut = HFSampler(EosAs(tok, eos)).generate(model, prompts, max_new_tokens=6, greedy=True)
+    finally:
+        hook.remove()
+    for whole, row in zip(full, cut):
+        ids = whole["completion_ids"]
+        n = ids.index(eos) + 1 if eos in ids else len(ids)
+        assert row["completion_ids"] == ids[:n]
+        for key in ("logprobs", "self_certainty", "entropy"):
+            torch.testing.assert_close(
+                torch.tensor(row[key]), torch.tensor(whole[key][:n]), atol=2e-4, rtol=1e-4
+            )
+    decode = [shape[0] for shape in rows_per_forward if shape[1] == 1]
+    assert len(decode) == 5  # 6 tokens: the first from the prefill's logits
+    finished_by_step = [sum(len(r["completion_ids"]) <= step + 1 for r in cut) for step in range(5)]
+    assert decode == [len(prompts) - f for f in finished_by_step]
+    assert 0 < decode[-1] < len(prompts)  # some rows left early, some went on

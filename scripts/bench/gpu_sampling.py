@@ -2,11 +2,14 @@
 KV cache + torch.compile, bucketed shapes), side by side on the same prompts, with the recorder on.
 
 The default recipe's unit: the arithmetic task's first prompts, each repeated n = 8 times, to a batch of
-64 (`--batch 256` for the larger one). Four variants, all `HFSampler.generate`:
-  eager           plain generate on a dynamic cache, every row's prompt prefilled (the issue's baseline)
-  eager+shared    the same with prefill sharing (each prompt's tokens once: the CPU default)
+64 (`--batch 256` for the larger one). Five variants:
+  eager           transformers generate on a dynamic cache, every row's prompt prefilled, the recorder
+                  in it (`generate_baseline.py`: the sampler before this work, the issue's baseline)
+  loop            `HFSampler.generate` eager: our decode loop, every row's prompt prefilled
+  loop+shared     the same with prefill sharing (each prompt's tokens once: the CPU default)
   compiled        static cache + torch.compile, the shared prefill copied into the cache (the GPU default)
   compiled-plain  the same with every row's prompt prefilled (which of the two wins where)
+The last four are `HFSampler.generate`.
 Every row decodes exactly --max-new-tokens (EOS is made unreachable, as in sampler_throughput.py), so
 the decode rate is (call at max-new-tokens − call at 1 token) over the steps between: prefill apart.
 A compiled variant's first call pays compilation; it is timed and printed apart, then the variants
@@ -27,6 +30,7 @@ import statistics
 import time
 
 import torch
+from generate_baseline import generate_with_recorder
 from omegaconf import OmegaConf
 
 from selfimprove import models
@@ -92,35 +96,38 @@ def main() -> None:
     compiled = args.compile or device.type == "cuda"
     samplers = {}
     for name, setting, share in (
-        ("eager", "false", False),
-        ("eager+shared", "false", True),
+        ("loop", "false", False),
+        ("loop+shared", "false", True),
         ("compiled" if compiled else "static", "true" if compiled else "static", True),
         ("compiled-plain" if compiled else "static-plain", "true" if compiled else "static", False),
     ):
         samplers[name] = hf.HFSampler(tokenizer, compile=setting, batch_size=args.batch)
         samplers[name].share_prompts = share
     task = ArithmeticTask()
-    distinct = [samplers["eager"].encode(task.train_problem(i)) for i in range(-(-args.batch // args.n))]
+    distinct = [samplers["loop"].encode(task.train_problem(i)) for i in range(-(-args.batch // args.n))]
     prompts = [p for p in distinct for _ in range(args.n)][: args.batch]
 
-    def run(name: str, max_new: int) -> tuple[float, list[dict]]:
+    def run(name: str, max_new: int) -> tuple[float, list[list[int]]]:
         if device.type == "cuda":
             torch.cuda.synchronize()
         t = time.perf_counter()
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.dtype == "bfloat16"):
-            rows = samplers[name].generate(model, prompts, max_new_tokens=max_new, seed=0)
+            if name == "eager":
+                completions = generate_with_recorder(model, tokenizer, prompts, max_new)
+            else:
+                rows = samplers[name].generate(model, prompts, max_new_tokens=max_new, seed=0)
+                completions = [r["completion_ids"] for r in rows]
         if device.type == "cuda":
             torch.cuda.synchronize()
-        return time.perf_counter() - t, rows
+        return time.perf_counter() - t, completions
 
+    names = ["eager", *samplers]
     first, tokens = {}, {}
-    for name in samplers:  # warm-ups: a compiled variant's first call compiles its shape
-        first[name], rows = run(name, args.max_new_tokens)
+    for name in names:  # warm-ups: a compiled variant's first call compiles its shape
+        first[name], tokens[name] = run(name, args.max_new_tokens)
         run(name, 1)
-        tokens[name] = [r["completion_ids"] for r in rows]
         assert all(len(t) == args.max_new_tokens for t in tokens[name]), "every row decodes max_new_tokens"
-    full, one = {name: [] for name in samplers}, {name: [] for name in samplers}
-    names = list(samplers)
+    full, one = {name: [] for name in names}, {name: [] for name in names}
     for i in range(args.repeats):
         for name in names[i % len(names) :] + names[: i % len(names)]:
             full[name].append(run(name, args.max_new_tokens)[0])
@@ -136,13 +143,13 @@ def main() -> None:
         f"{gpu}, {args.dtype}, batch {len(prompts)} ({len(distinct)} prompts × n={args.n}), "
         f"prompt ≈ {prompt_len:.0f} tokens, {args.max_new_tokens} new tokens per row"
     )
-    for name in samplers:
+    for name in names:
         if name.startswith(("compiled", "static")):
             what = "compilation included" if compiled else "not compiled"
             print(f"{name}: first call ({what}) {first[name]:.1f} s; later calls below")
     decode_bytes = bytes_per_step(model, len(prompts), prompt_len + args.max_new_tokens / 2)
     rates = {}
-    for name in samplers:
+    for name in names:
         call, prefill = statistics.median(full[name]), statistics.median(one[name])
         rates[name] = steps / max(call - prefill, 1e-9)
         roofline = f"{decode_bytes * rates[name] / (peak * 1e9):.2%}" if peak else "n/a"

@@ -2,11 +2,18 @@
 (`sampling/prefix.py`: the chat template's common prefix once per batch, each distinct prompt once,
 repeated over its n samples) against computing every sample's whole prompt.
 
+Sampling is timed three ways: *before*, the sampler as it was (transformers generate over every row's
+whole left-padded prompt, the statistics recorded by `StatsRecorder`); our loop (`decode.sample`: the
+first token from the prefill's logits, finished rows dropped) on every row's whole prompt; and our
+loop on the shared prefill, which is what `HFSampler` does on a CPU now. The goal (≥ 3×) is before /
+shared; per-sample / shared is what sharing alone gives.
+
 The default recipes sample n = 8 completions of ≈ 6 tokens after a ≈ 46-token prompt (27 of them the
 system turn every prompt shares), so without sharing most of sampling, and of scoring the samples under
 the base model, is the prompt, eight times over. Sampling runs `HFSampler.generate` on the same unit
 (the default task's first prompts, each repeated n times), the same seed and settings, and checks both
-sample the same tokens; scoring runs `sequence_logprobs` over those samples in batches of 64 (as
+sample the same tokens (before draws other tokens: its random numbers are used differently; the
+mean completion length of each is printed); scoring runs `sequence_logprobs` over those samples in batches of 64 (as
 `Engine.logprobs` does) and checks the log-probs agree. Printed: tokens/s of each and their ratio, the
 median over interleaved repeats (order alternating) after one warm-up each.
 
@@ -20,6 +27,7 @@ import argparse
 import statistics
 import time
 
+from generate_baseline import generate_with_recorder
 from omegaconf import OmegaConf
 
 from selfimprove import models
@@ -44,13 +52,19 @@ def main() -> None:
     prompts = [sampler.encode(task.train_problem(i)) for i in range(args.prompts)]
     batch = [p for p in prompts for _ in range(args.n)]
 
+    def sample_before() -> tuple[float, list[list[int]]]:
+        t = time.perf_counter()
+        completions = generate_with_recorder(model, tokenizer, batch, args.max_new_tokens)
+        return time.perf_counter() - t, completions
+
     def sample(shared: bool) -> tuple[float, list[dict]]:
         sampler.share_prompts = shared
         t = time.perf_counter()
         rows = sampler.generate(model, batch, max_new_tokens=args.max_new_tokens, seed=0)
         return time.perf_counter() - t, rows
 
-    _, want = sample(False)  # warm-ups, and the check that both sample the same tokens
+    _, before = sample_before()  # warm-ups, and the check that per-sample and shared sample the same
+    _, want = sample(False)
     _, got = sample(True)
     completions = [r["completion_ids"] for r in want]
 
@@ -68,22 +82,35 @@ def main() -> None:
     tokens = sum(len(c) for c in completions)
     prompt_len = statistics.mean(len(p) for p in prompts)
     print(f"{args.prompts} prompts × n={args.n}, prompt ≈ {prompt_len:.0f} tokens, {tokens} sampled tokens")
-    print(f"identical samples: {same}/{len(want)}; scoring log-probs agree to {gap:.1e}")
-    for name, run in (("sampling", sample), ("scoring", score)):
-        ratios, seconds = [], {True: [], False: []}
+    print(f"identical samples per-sample vs shared: {same}/{len(want)}; scoring log-probs agree to {gap:.1e}")
+    lengths = [statistics.mean(map(len, c)) for c in (before, completions)]
+    print("mean completion tokens: before {:.2f}, our loop {:.2f}".format(*lengths))
+    modes = {
+        "sampling": {
+            "before: generate, per sample": sample_before,
+            "prefill per sample": lambda: sample(False),
+            "prefill shared": lambda: sample(True),
+        },
+        "scoring": {"prefill per sample": lambda: score(False), "prefill shared": lambda: score(True)},
+    }
+    for name, runs in modes.items():
+        seconds = {label: [] for label in runs}
+        ratios = {label: [] for label in runs if label != "prefill shared"}
         for i in range(args.repeats):
-            order = (True, False) if i % 2 else (False, True)
-            timed = {shared: run(shared)[0] for shared in order}
-            for shared, s in timed.items():
-                seconds[shared].append(s)
-            ratios.append(timed[False] / timed[True])
-        for shared in (False, True):
-            s = statistics.median(seconds[shared])
-            label = "prefill shared" if shared else "prefill per sample"
-            print(f"{name:>8} {label:>18}: {s:6.2f} s  {tokens / s:7.1f} completion tokens/s")
-        print(
-            f"{name:>8} speed-up (per-sample / shared), median of {args.repeats}: {statistics.median(ratios):.2f}×"
-        )
+            order = list(runs) if i % 2 else list(reversed(runs))
+            timed = {label: runs[label]()[0] for label in order}
+            for label, s in timed.items():
+                seconds[label].append(s)
+            for label in ratios:
+                ratios[label].append(timed[label] / timed["prefill shared"])
+        for label in runs:
+            s = statistics.median(seconds[label])
+            count = sum(map(len, before)) if label.startswith("before") else tokens  # what it sampled
+            print(f"{name:>8} {label:>28}: {s:6.2f} s  {count / s:7.1f} completion tokens/s")
+        for label, r in ratios.items():
+            print(
+                f"{name:>8} speed-up ({label} / shared), median of {args.repeats}: {statistics.median(r):.2f}×"
+            )
 
 
 if __name__ == "__main__":

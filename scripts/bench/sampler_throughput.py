@@ -1,8 +1,10 @@
 """Sampler throughput: HFSampler.generate(record=True) vs bare model.generate, as a ratio.
 
-Measures what the StatsRecorder logits processor (per-token log-prob, self-certainty and entropy,
-i.e. one log_softmax + exp/entr + mean over the full vocabulary per step) and HFSampler's own
-padding/stacking/decoding cost on top of plain sampling. Both variants get the same left-padded
+Measures what recording the statistics (per-token log-prob, self-certainty and entropy, i.e. one
+log_softmax + exp/entr + mean over the full vocabulary per step) and HFSampler's own
+padding/stacking/decoding cost on top of plain sampling. On a CPU HFSampler runs its own decode loop
+(`sampling/decode.py`), with prefill sharing turned off here so both variants prefill every row's whole
+prompt; on a GPU it runs generate on a static cache with the StatsRecorder logits processor. Both variants get the same left-padded
 batch (default task prompts, `ArithmeticTask().train_problem(i)`, encoded with HFSampler.encode),
 the same GenerationConfig (do_sample, top_k=0, temperature 1, top_p 1) and the same seed.
 
@@ -66,6 +68,7 @@ def device_name(device: torch.device) -> str:
 def bench(model, tokenizer, prompts, max_new: int, repeats: int, seed: int) -> None:
     eos = model.config.vocab_size  # never sampled: logits have exactly vocab_size entries
     sampler = HFSampler(NoEosTokenizer(tokenizer, eos))
+    sampler.share_prompts = False  # every row's whole prompt, as (b): the recording is what is measured
     device = next(model.parameters()).device
     ids, mask = left_pad(prompts, tokenizer.pad_token_id)  # what HFSampler.generate builds
     ids, mask = ids.to(device), mask.to(device)  # (a) copies its batch inside the timed call

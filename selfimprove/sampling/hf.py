@@ -1,5 +1,5 @@
-"""Sampling with transformers `generate`: batched, left-padded, with per-token log-probs,
-self-certainty and entropy captured from the logits generate already computed (no second pass)."""
+"""Sampling with transformers models: batched, with per-token log-probs, self-certainty and entropy
+captured from the logits the sampling already computed (no second pass)."""
 
 from __future__ import annotations
 
@@ -15,7 +15,8 @@ from transformers import (
     TopPLogitsWarper,
 )
 
-from selfimprove.sampling.prefix import completion_logprobs, prompt_cache
+from selfimprove.sampling import decode
+from selfimprove.sampling.prefix import completion_logprobs, left_pad, plain_prefill, prompt_cache
 from selfimprove.sampling.static import (
     FinishRows,
     StaticCaches,
@@ -25,17 +26,6 @@ from selfimprove.sampling.static import (
     round_up,
 )
 from selfimprove.verify.self_certainty import token_stats
-
-
-def left_pad(seqs: list[list[int]], pad: int, width: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Token ids and attention mask with every sequence ending at the right edge (of `width`)."""
-    width = max(max(len(s) for s in seqs), width or 0)
-    input_ids = torch.full((len(seqs), width), pad, dtype=torch.long)
-    attention = torch.zeros_like(input_ids)
-    for i, s in enumerate(seqs):
-        input_ids[i, width - len(s) :] = torch.tensor(s, dtype=torch.long)
-        attention[i, width - len(s) :] = 1
-    return input_ids, attention
 
 
 def forward_inputs(input_ids: torch.Tensor, attention: torch.Tensor, device) -> dict[str, torch.Tensor]:
@@ -77,13 +67,8 @@ class StatsRecorder(LogitsProcessor):
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
         if self.self_certainty:  # from the second step on, the last token was sampled by us
             self._take(input_ids[:, -1])
-        logp, sc, ent = token_stats(scores)
-        if self.temperature != 1.0 or self.top_p is not None:
-            sampled = scores.float() / self.temperature
-            if self.top_p is not None:
-                sampled = self.top_p(input_ids, sampled)
-            logp = torch.log_softmax(sampled, dim=-1)
-        self._prev = logp
+        model_logprobs, sc, ent = token_stats(scores)
+        self._prev = decode.sampling_logprobs(scores, model_logprobs, self.temperature, self.top_p)
         self.self_certainty.append(sc)
         self.entropy.append(ent)
         return scores
@@ -124,17 +109,19 @@ def neutral_generation_defaults(model: torch.nn.Module) -> Iterator[None]:
 class HFSampler:
     """Builds prompts from chat messages and samples completions with transformers.
 
-    Two ways to run `generate`, picked per device by `sampler.compile`; either way each prompt's
-    shared tokens are prefilled once (`prefix.prompt_cache`: the chat template's common prefix, then
-    each distinct prompt, repeated over its samples) and generate runs from each row's last token:
-    - eager (the CPU default): on a dynamic KV cache. On a CPU prefill is most of sampling.
-    - static (the GPU default, compiled): on a static KV cache, whose decoding step transformers runs
-      through torch.compile; a GPU decodes eagerly at ≈ 40–58 steps/s on an H100 whatever the batch.
-      Shapes are bucketed (`static.bucket`: rows to a power of two, with copies of the first prompt
-      that are made to stop at once and dropped; the width to a multiple of `length_bucket`), and
-      one cache per shape is kept (`static.StaticCaches`), so a run compiles a few shapes, not one
-      per call. The shared prefill is copied into the static cache's layers.
-    Either way the recorder sees every step's logits (it runs outside the compiled forward).
+    Two ways to sample, picked per device by `sampler.compile`; either way each prompt's shared tokens
+    are prefilled once (`prefix.prompt_cache`: the chat template's common prefix, then each distinct
+    prompt, repeated over its samples):
+    - eager (the CPU default): `decode.sample`, our loop on the dynamic KV cache, which samples the
+      first token from the prefill's logits and drops rows as they finish. On a CPU every row-token
+      costs, so these matter: prefill would be most of sampling.
+    - static (the GPU default, compiled): transformers `generate` on a static KV cache, whose decoding
+      step it runs through torch.compile; a GPU decodes eagerly at ≈ 40–58 steps/s on an H100 whatever
+      the batch. Shapes are bucketed (`static.bucket`: rows to a power of two, with copies of the first
+      prompt that are made to stop at once and dropped; the width to a multiple of `length_bucket`),
+      and one cache per shape is kept (`static.StaticCaches`), so a run compiles a few shapes, not one
+      per call. The shared prefill is copied into the static cache's layers; `StatsRecorder` sees
+      every step's logits (it runs outside the compiled forward).
     """
 
     def __init__(
@@ -191,9 +178,48 @@ class HFSampler:
         limit = getattr(model.config, "max_position_embeddings", None)
         if limit and max(len(p) for p in prompts) + max_new_tokens > limit:
             raise ValueError(f"prompt + max_new_tokens exceeds the model's context of {limit} tokens")
-        pad = self.tokenizer.pad_token_id
+        pad, eos = self.tokenizer.pad_token_id, self.tokenizer.eos_token_id
+        settings = {"temperature": temperature, "top_p": top_p, "greedy": greedy, "record": record}
+        static, compiled = compile_mode(self.compile, next(model.parameters()).device)
+        if static:
+            torch.manual_seed(seed)
+            new, stats = self._generate_static(model, prompts, max_new_tokens, compiled, **settings)
+        else:
+            prefilled = (self.share_prompts and prompt_cache(model, prompts, pad)) or plain_prefill(
+                model, prompts, pad
+            )
+            torch.manual_seed(seed)
+            new, stats = decode.sample(
+                model, prefilled, max_new_tokens=max_new_tokens, eos=eos, pad=pad, **settings
+            )
+        rows = []
+        for i in range(len(prompts)):
+            ids = new[i].tolist()
+            n = ids.index(eos) + 1 if eos in ids else len(ids)  # keep the EOS: it is a decision too
+            row = {
+                "completion_ids": ids[:n],
+                "completion": self.tokenizer.decode(ids[:n], skip_special_tokens=True),
+            }
+            row.update({k: v[i, :n].tolist() for k, v in stats.items()})
+            rows.append(row)
+        return rows
+
+    def _generate_static(
+        self,
+        model,
+        prompts: list[list[int]],
+        max_new_tokens: int,
+        compiled: bool,
+        *,
+        temperature: float,
+        top_p: float,
+        greedy: bool,
+        record: bool,
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """transformers generate on a static KV cache of a bucketed shape (compiled, or not: CPU tests);
+        the recorder captures the statistics. Tokens [rows, steps] and stats on the CPU."""
+        pad, eos, n_rows = self.tokenizer.pad_token_id, self.tokenizer.eos_token_id, len(prompts)
         device = next(model.parameters()).device
-        static, compiled = compile_mode(self.compile, device)
         gen_cfg = GenerationConfig(
             do_sample=not greedy,
             temperature=temperature if not greedy else None,
@@ -201,33 +227,23 @@ class HFSampler:
             top_k=0 if not greedy else None,
             max_new_tokens=max_new_tokens,
             pad_token_id=pad,
-            eos_token_id=self.tokenizer.eos_token_id,
+            eos_token_id=eos,
+            disable_compile=not compiled,
+            compile_config=compile_config(device) if compiled else None,
         )
-        n_rows, eos = len(prompts), self.tokenizer.eos_token_id
-        cache, finish = None, []
-        if static:
-            gen_cfg.disable_compile = not compiled
-            gen_cfg.compile_config = compile_config(device) if compiled else None
-            batch = prompts + [prompts[0]] * (bucket(n_rows, self.batch_size) - n_rows)
-            filled = self.caches.fill(
-                model, batch, pad, self.length_bucket, max_new_tokens, self.share_prompts
+        batch = prompts + [prompts[0]] * (bucket(n_rows, self.batch_size) - n_rows)
+        filled = self.caches.fill(model, batch, pad, self.length_bucket, max_new_tokens, self.share_prompts)
+        cache = None
+        if filled is not None:
+            cache, input_ids, attention = filled
+        else:  # sliding-window layers or one-token prompts: generate fills its own static cache
+            gen_cfg.cache_implementation = "static"
+            input_ids, attention = left_pad(
+                batch, pad, width=round_up(max(map(len, batch)), self.length_bucket)
             )
-            if filled is not None:
-                cache, input_ids, attention = filled
-            else:  # sliding-window layers or one-token prompts: generate fills its own static cache
-                gen_cfg.cache_implementation = "static"
-                input_ids, attention = left_pad(
-                    batch, pad, width=round_up(max(map(len, batch)), self.length_bucket)
-                )
-            if len(batch) > n_rows and eos is not None:
-                finish = [FinishRows(n_rows, eos)]
-        elif self.share_prompts and (shared := prompt_cache(model, prompts, pad)) is not None:
-            input_ids, attention, cache = shared.input_ids, shared.attention_mask, shared.cache
-        else:
-            input_ids, attention = left_pad(prompts, pad)
-        width = input_ids.shape[1]
+        finish = [FinishRows(n_rows, eos)] if len(batch) > n_rows and eos is not None else []
         recorder = StatsRecorder(*((1.0, 1.0) if greedy else (temperature, top_p))) if record else None
-        torch.manual_seed(seed)
+        width = input_ids.shape[1]
         with neutral_generation_defaults(model):
             out = model.generate(
                 input_ids=input_ids.to(device),
@@ -237,23 +253,11 @@ class HFSampler:
                 synced_gpus=False,  # each rank samples its own prompts on a whole model (ZeRO-3/FSDP too)
                 logits_processor=LogitsProcessorList(([recorder] if recorder else []) + finish),
             )
-        new = out[:n_rows, width:]
+        stats = {}
         if recorder:
             recorder.finish(out[:, width:])  # on the device, like the logits it gathers from
-            stats = recorder.stacked()
-        new = new.cpu()
-        rows = []
-        for i in range(n_rows):
-            ids = new[i].tolist()
-            n = ids.index(eos) + 1 if eos in ids else len(ids)  # keep the EOS: it is a decision too
-            row = {
-                "completion_ids": ids[:n],
-                "completion": self.tokenizer.decode(ids[:n], skip_special_tokens=True),
-            }
-            if recorder:
-                row.update({k: v[i, :n].tolist() for k, v in stats.items()})
-            rows.append(row)
-        return rows
+            stats = {k: v[:n_rows] for k, v in recorder.stacked().items()}
+        return out[:n_rows, width:].cpu(), stats
 
 
 def sequence_logprobs(

@@ -14,7 +14,7 @@ import torch
 from transformers import CompileConfig, LogitsProcessor, StaticCache
 from transformers.cache_utils import StaticLayer
 
-from selfimprove.sampling.prefix import PromptCache, prompt_cache
+from selfimprove.sampling.prefix import plain_prefill, prompt_cache
 
 
 def compile_mode(setting: str | bool, device: torch.device) -> tuple[bool, bool]:
@@ -37,29 +37,6 @@ def bucket(size: int, limit: int, floor: int = 8) -> int:
 
 def round_up(width: int, step: int) -> int:
     return -(-width // max(step, 1)) * max(step, 1)
-
-
-@torch.no_grad()
-def plain_prefill(model, prompts: list[list[int]], pad: int) -> PromptCache | None:
-    """Every row's prompt but its last token, left-padded, in one pass (nothing shared); None for
-    one-token prompts (nothing to cache)."""
-    width = max(len(p) for p in prompts)
-    if width < 2:
-        return None
-    ids = torch.full((len(prompts), width), pad, dtype=torch.long)
-    mask = torch.zeros_like(ids)
-    for i, p in enumerate(prompts):
-        ids[i, width - len(p) :] = torch.tensor(p)
-        mask[i, width - len(p) :] = 1
-    device = next(model.parameters()).device
-    cache = model(
-        input_ids=ids[:, :-1].to(device),
-        attention_mask=mask[:, :-1].to(device),
-        position_ids=(mask[:, :-1].cumsum(-1) - 1).clamp(min=0).to(device),
-        use_cache=True,
-        logits_to_keep=1,
-    ).past_key_values
-    return PromptCache(cache, ids, mask)
 
 
 def plain_static_layers(config) -> bool:
@@ -91,11 +68,9 @@ class StaticCaches:
         """(cache, input_ids, attention_mask) for generate, the cache holding every row's prompt but its
         last token, the width a multiple of `step`; None where the model's cache layers are not plain
         static ones (sliding windows) or nothing is cached (the caller lets generate prefill)."""
-        if not plain_static_layers(model.config):
+        if not plain_static_layers(model.config) or max(map(len, rows)) < 2:
             return None
         filled = (share and prompt_cache(model, rows, pad)) or plain_prefill(model, rows, pad)
-        if filled is None:
-            return None
         dynamic = filled.cache.layers
         width = round_up(filled.input_ids.shape[1], step)
         extra = width - filled.input_ids.shape[1]  # masked columns on the left: the bucket's padding
@@ -109,8 +84,9 @@ class StaticCaches:
             self.caches[key] = cache
         cache.reset()
         for layer, source in zip(cache.layers, dynamic):
-            layer.keys[:, :, extra : width - 1].copy_(source.keys)
-            layer.values[:, :, extra : width - 1].copy_(source.values)
+            # all but the last prompt token, which generate runs (again) to start decoding
+            layer.keys[:, :, extra : width - 1].copy_(source.keys[:, :, :-1])
+            layer.values[:, :, extra : width - 1].copy_(source.values[:, :, :-1])
             layer.cumulative_length.fill_(width - 1)  # generate runs from the last prompt token on
         input_ids = torch.cat([torch.full((len(rows), extra), pad, dtype=torch.long), filled.input_ids], 1)
         attention = torch.cat([torch.zeros(len(rows), extra, dtype=torch.long), filled.attention_mask], 1)
