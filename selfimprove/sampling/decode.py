@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 from transformers import TopPLogitsWarper
 
-from selfimprove.sampling.prefix import PromptCache
+from selfimprove.sampling.prefix import CACHE, PromptCache
 from selfimprove.verify.self_certainty import token_stats
 
 STATS = ("logprobs", "self_certainty", "entropy")
@@ -86,7 +86,7 @@ def sample(
             input_ids=chosen[:, None],
             attention_mask=attention,
             position_ids=attention.sum(-1, keepdim=True) - 1,
-            past_key_values=cache,
+            **{CACHE: cache},
             use_cache=True,
         ).logits[:, -1]
     return tokens.cpu(), {k: v.float().cpu() for k, v in stats.items()}

@@ -16,7 +16,7 @@ from transformers import (
 )
 
 from selfimprove.sampling import decode
-from selfimprove.sampling.prefix import completion_logprobs, left_pad, plain_prefill, prompt_cache
+from selfimprove.sampling.prefix import CACHE, completion_logprobs, left_pad, plain_prefill, prompt_cache
 from selfimprove.sampling.static import (
     FinishRows,
     StaticCaches,
@@ -248,7 +248,7 @@ class HFSampler:
             out = model.generate(
                 input_ids=input_ids.to(device),
                 attention_mask=attention.to(device),
-                past_key_values=cache,
+                **{CACHE: cache},
                 generation_config=gen_cfg,
                 synced_gpus=False,  # each rank samples its own prompts on a whole model (ZeRO-3/FSDP too)
                 logits_processor=LogitsProcessorList(([recorder] if recorder else []) + finish),
@@ -312,13 +312,13 @@ def next_token_logprobs(
         suffix_mask = (torch.arange(ids.shape[1])[None] < lengths[:, None]).long()
         attention = torch.cat([torch.ones(len(chunk), len(prefix), dtype=torch.long), suffix_mask], dim=1)
         positions = len(prefix) + torch.arange(ids.shape[1])[None].expand(len(chunk), -1)
-        cache = copy.deepcopy(shared.past_key_values)
+        cache = copy.deepcopy(getattr(shared, CACHE))
         cache.batch_repeat_interleave(len(chunk))
         logits = model(
             input_ids=ids.to(device),
             attention_mask=attention.to(device),
             position_ids=positions.to(device),
-            past_key_values=cache,
+            **{CACHE: cache},
         ).logits
         last = logits[torch.arange(len(chunk)), (lengths - 1).clamp(min=0).to(logits.device)]
         logp = torch.log_softmax(last.float(), dim=-1)[:, candidates].cpu()

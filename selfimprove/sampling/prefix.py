@@ -14,10 +14,16 @@ completions on it (`completion_logprobs`); the static path copies it into a stat
 
 from __future__ import annotations
 
+import inspect
 import os
 from dataclasses import dataclass
 
 import torch
+from transformers import LlamaModel
+
+# The KV cache's keyword and output field: transformers 5.2x renamed past_key_values to cache (the old
+# name still works there, with a warning, until 5.40); older releases know only past_key_values.
+CACHE = "cache" if "cache" in inspect.signature(LlamaModel.forward).parameters else "past_key_values"
 
 
 @dataclass
@@ -58,7 +64,7 @@ def plain_prefill(model, prompts: list[list[int]], pad: int) -> PromptCache:
         use_cache=True,
         logits_to_keep=1,
     )
-    return PromptCache(out.past_key_values, ids, mask, out.logits[:, -1])
+    return PromptCache(getattr(out, CACHE), ids, mask, out.logits[:, -1])
 
 
 @torch.no_grad()
@@ -76,21 +82,21 @@ def prompt_cache(model, prompts: list[list[int]], pad: int) -> PromptCache | Non
     cache = None
     if prefix:
         ids = torch.tensor([distinct[0][:prefix]], device=device)
-        cache = model(input_ids=ids, use_cache=True, logits_to_keep=1).past_key_values
+        cache = getattr(model(input_ids=ids, use_cache=True, logits_to_keep=1), CACHE)
         cache.batch_repeat_interleave(len(distinct))
     mask = torch.cat([torch.ones(len(distinct), prefix, dtype=torch.long), rest_mask], dim=1)
     out = model(
         input_ids=rest_ids.to(device),
         attention_mask=mask.to(device),
         position_ids=positions(rest_mask, prefix).to(device),
-        past_key_values=cache,
+        **{CACHE: cache},
         use_cache=True,
         logits_to_keep=1,
     )
     # one row of the cache per prompt row, in the batch's order
     index = {p: i for i, p in enumerate(distinct)}
     rows = torch.tensor([index[tuple(p)] for p in prompts])
-    cache = out.past_key_values
+    cache = getattr(out, CACHE)
     cache.reorder_cache(rows.to(device))
     common = torch.tensor(distinct[0][:prefix], dtype=torch.long).expand(len(prompts), prefix)
     input_ids = torch.cat([common, rest_ids[rows]], dim=1)
@@ -125,7 +131,7 @@ def completion_logprobs(
             input_ids=ids[:, : width - 1].to(device),
             attention_mask=attention.to(device),
             position_ids=tail_positions.to(device),
-            past_key_values=shared.cache,
+            **{CACHE: shared.cache},
         ).logits
         logits = torch.cat([logits, tail.to(logits.device)], dim=1)
     logp = torch.log_softmax(logits.float(), dim=-1)
