@@ -71,6 +71,13 @@ def test_user_recipe_with_a_shipped_name_is_refused(tmp_path):
     assert "oracle_sft.yaml" in line and "rename" in line
 
 
+def test_a_config_error_leaves_no_run_folder(tmp_path):
+    run_dir = tmp_path / "r"
+    args = ["train", "recipe=sharpen_sft", "selector.per_prompt=lots", f"run.dir={run_dir}"]
+    line = error_line(run_cli(args, check=False))
+    assert "selector.per_prompt" in line and not run_dir.exists()
+
+
 def test_unknown_recipe_hints_at_recipes_flag(tmp_path):
     line = error_line(run_cli(["train", "recipe=mine", f"run.dir={tmp_path}/r"], check=False))
     assert "recipe=mine" in line and "oracle_sft" in line and "--recipes" in line

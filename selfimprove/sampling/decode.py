@@ -61,12 +61,10 @@ def sample(
     cache = prefilled.cache
     for step in range(max_new_tokens):
         scores = logits.float()
-        model_logprobs, certainty, entropy = token_stats(scores)
-        logprobs = sampling_logprobs(scores, model_logprobs, temperature, cut)
-        if greedy:
-            chosen = scores.argmax(-1)
-        else:
-            chosen = torch.multinomial(logprobs.exp(), num_samples=1)[:, 0]
+        if record or not greedy:  # greedy evaluation needs only the argmax
+            model_logprobs, certainty, entropy = token_stats(scores)
+            logprobs = sampling_logprobs(scores, model_logprobs, temperature, cut)
+        chosen = scores.argmax(-1) if greedy else torch.multinomial(logprobs.exp(), num_samples=1)[:, 0]
         tokens[active, step] = chosen
         if record:
             stats["logprobs"][active, step] = logprobs.gather(1, chosen[:, None])[:, 0]
