@@ -64,7 +64,7 @@ class VLLMConfig:
 class SamplerConfig:
     backend: str = "hf"  # hf (transformers generate, everywhere) | vllm (GPU, the 'vllm' extra)
     compile: str = (
-        "auto"  # hf: static KV cache + torch.compile: auto (on a GPU) | true | false | static (no compile)
+        "auto"  # hf: static KV cache + torch.compile: auto (GPU, ≥ 64 new tokens) | true | false | static
     )
     length_bucket: int = 32  # hf static cache: prompt widths round up to a multiple (few compiled shapes)
     vllm: VLLMConfig = field(default_factory=VLLMConfig)

@@ -46,7 +46,8 @@ def test_buckets_and_modes():
     assert bucket(40, 48) == 48 and bucket(3, 4) == 4  # never past the configured batch size
     assert [round_up(w, 32) for w in (1, 32, 33, 64)] == [32, 32, 64, 64]
     cpu, gpu = torch.device("cpu"), torch.device("cuda")
-    assert compile_mode("auto", cpu) == (False, False) and compile_mode("auto", gpu) == (True, True)
+    assert compile_mode("auto", cpu) == (False, False) and compile_mode("auto", gpu, 128) == (True, True)
+    assert compile_mode("auto", gpu, 6) == (False, False)  # short generations: compiling does not pay back
     assert compile_mode("static", cpu) == (True, False) and compile_mode(True, cpu) == (True, True)
     assert compile_mode(False, gpu) == (False, False)
     with pytest.raises(ValueError, match="sampler.compile: 'yes' is not auto"):

@@ -180,7 +180,7 @@ class HFSampler:
             raise ValueError(f"prompt + max_new_tokens exceeds the model's context of {limit} tokens")
         pad, eos = self.tokenizer.pad_token_id, self.tokenizer.eos_token_id
         settings = {"temperature": temperature, "top_p": top_p, "greedy": greedy, "record": record}
-        static, compiled = compile_mode(self.compile, next(model.parameters()).device)
+        static, compiled = compile_mode(self.compile, next(model.parameters()).device, max_new_tokens)
         if static:
             torch.manual_seed(seed)
             new, stats = self._generate_static(model, prompts, max_new_tokens, compiled, **settings)
