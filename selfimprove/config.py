@@ -174,12 +174,6 @@ def register() -> None:
         cs.store(group=group, name=f"{group}_schema", node=node)
 
 
-# Keys whose change makes a resumed run a different experiment; anything else (rounds, logger,
-# eval sizes, run.dir) may change on resume.
-# The launcher too: a run may resume on another backend or number of ranks (checkpoints hold whole tensors).
-RESUME_SAFE = ("loop.rounds", "logger", "eval", "run", "resume", "ema.evaluate", "launcher")
-
-
 def _type_ok(value: Any, annotation: Any) -> bool:
     if annotation is inspect.Parameter.empty or annotation is Any or value is None:
         return True
@@ -380,34 +374,3 @@ def _build(path: str, node: dict, instantiate):
     except Exception as e:  # the stage's own check of its arguments
         cause = e.__cause__ or e
         raise ConfigError(f"{path}: {cause}") from None
-
-
-CONSTANT_SCHEDULERS = ("constant", "constant_with_warmup")
-
-
-def resume_diff(old: DictConfig, new: DictConfig) -> list[str]:
-    """Lines describing changes between two resolved configs that make resuming unsafe."""
-    a = _flatten(OmegaConf.to_container(old, resolve=True))
-    b = _flatten(OmegaConf.to_container(new, resolve=True))
-    lines = []
-    if a.get("loop.rounds") != b.get("loop.rounds") and a.get("trainer.scheduler") not in CONSTANT_SCHEDULERS:
-        # The schedule's horizon is rounds × steps: changing it would change learning rates already planned.
-        lines.append(
-            f"  loop.rounds: {a.get('loop.rounds')!r} -> {b.get('loop.rounds')!r} (trainer.scheduler="
-            f"{a.get('trainer.scheduler')} spans loop.rounds × trainer.steps_per_round steps; changing the "
-            "number of rounds would change its learning rates: start a new run, or use a constant scheduler)"
-        )
-    for key in sorted(set(a) | set(b)):
-        if a.get(key) == b.get(key) or any(key == s or key.startswith(s + ".") for s in RESUME_SAFE):
-            continue
-        lines.append(f"  {key}: {a.get(key, '<absent>')!r} -> {b.get(key, '<absent>')!r}")
-    return lines
-
-
-def _flatten(node: Any, prefix: str = "") -> dict[str, Any]:
-    if not isinstance(node, dict):
-        return {prefix: node}
-    out: dict[str, Any] = {}
-    for k, v in node.items():
-        out.update(_flatten(v, f"{prefix}.{k}" if prefix else str(k)))
-    return out

@@ -21,11 +21,12 @@ from omegaconf import DictConfig, OmegaConf
 
 from selfimprove import checkpoint, faults, phases
 from selfimprove import distributed as dist
-from selfimprove.config import ConfigError, build_stages, check_trainable, resume_diff, schedule, scheduled
+from selfimprove.config import ConfigError, build_stages, check_trainable, schedule, scheduled
 from selfimprove.engine import Engine
 from selfimprove.evaluate import evaluate, select_round
 from selfimprove.logging import MetricsLogger, progress, trim_metrics
 from selfimprove.metrics import summarize_round
+from selfimprove.resume import resume_diff
 from selfimprove.stages import Context, Scorer, order_stages
 from selfimprove.train import update
 

@@ -10,7 +10,8 @@ from hydra.errors import ConfigCompositionException
 from omegaconf.errors import ValidationError
 
 from selfimprove.cli import CONFIG_DIR
-from selfimprove.config import ConfigError, register, resume_diff, validate_targets
+from selfimprove.config import ConfigError, register, validate_targets
+from selfimprove.resume import resume_diff
 
 register()
 

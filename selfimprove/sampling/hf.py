@@ -16,7 +16,14 @@ from transformers import (
 )
 
 from selfimprove.sampling import decode
-from selfimprove.sampling.prefix import CACHE, completion_logprobs, left_pad, plain_prefill, prompt_cache
+from selfimprove.sampling.prefix import (
+    CACHE,
+    completion_logprobs,
+    left_pad,
+    plain_prefill,
+    positions,
+    prompt_cache,
+)
 from selfimprove.sampling.static import (
     FinishRows,
     StaticCaches,
@@ -31,11 +38,10 @@ from selfimprove.verify.self_certainty import token_stats
 def forward_inputs(input_ids: torch.Tensor, attention: torch.Tensor, device) -> dict[str, torch.Tensor]:
     """Model inputs for a left-padded batch, with positions counted from each sequence's first token
     (as generate does), so models with absolute position embeddings see the same positions."""
-    positions = (attention.cumsum(-1) - 1).clamp(min=0)
     return {
         "input_ids": input_ids.to(device),
         "attention_mask": attention.to(device),
-        "position_ids": positions.to(device),
+        "position_ids": positions(attention).to(device),
     }
 
 
@@ -181,14 +187,13 @@ class HFSampler:
         pad, eos = self.tokenizer.pad_token_id, self.tokenizer.eos_token_id
         settings = {"temperature": temperature, "top_p": top_p, "greedy": greedy, "record": record}
         static, compiled = compile_mode(self.compile, next(model.parameters()).device, max_new_tokens)
+        torch.manual_seed(seed)
         if static:
-            torch.manual_seed(seed)
             new, stats = self._generate_static(model, prompts, max_new_tokens, compiled, **settings)
         else:
             prefilled = (self.share_prompts and prompt_cache(model, prompts, pad)) or plain_prefill(
                 model, prompts, pad
             )
-            torch.manual_seed(seed)
             new, stats = decode.sample(
                 model, prefilled, max_new_tokens=max_new_tokens, eos=eos, pad=pad, **settings
             )
@@ -311,13 +316,13 @@ def next_token_logprobs(
             ids[i, : len(x)] = torch.tensor(x, dtype=torch.long)
         suffix_mask = (torch.arange(ids.shape[1])[None] < lengths[:, None]).long()
         attention = torch.cat([torch.ones(len(chunk), len(prefix), dtype=torch.long), suffix_mask], dim=1)
-        positions = len(prefix) + torch.arange(ids.shape[1])[None].expand(len(chunk), -1)
+        suffix_positions = len(prefix) + torch.arange(ids.shape[1])[None].expand(len(chunk), -1)
         cache = copy.deepcopy(getattr(shared, CACHE))
         cache.batch_repeat_interleave(len(chunk))
         logits = model(
             input_ids=ids.to(device),
             attention_mask=attention.to(device),
-            position_ids=positions.to(device),
+            position_ids=suffix_positions.to(device),
             **{CACHE: cache},
         ).logits
         last = logits[torch.arange(len(chunk)), (lengths - 1).clamp(min=0).to(logits.device)]

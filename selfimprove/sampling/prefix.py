@@ -116,9 +116,8 @@ def completion_logprobs(
     device = next(model.parameters()).device
     width = max(len(c) for c in completions)
     ids = torch.full((len(completions), max(width, 1)), pad, dtype=torch.long)
-    for i, c in enumerate(
-        completions
-    ):  # right-padded: padding after a row's last token changes nothing before it
+    # right-padded: padding after a row's last token changes nothing before it
+    for i, c in enumerate(completions):
         ids[i, : len(c)] = torch.tensor(c, dtype=torch.long)
     logits = shared.logits[:, None]  # what predicts each completion's first token
     if width > 1:  # the rest: completion tokens but the last, on the cache
