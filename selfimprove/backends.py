@@ -20,7 +20,6 @@ tests run every backend with two CPU ranks.
 from __future__ import annotations
 
 import contextlib
-import math
 import os
 from collections.abc import Iterator
 
@@ -29,7 +28,7 @@ from accelerate import Accelerator, PartialState
 from accelerate.utils import DistributedType
 
 from selfimprove import distributed as dist
-from selfimprove.config import ConfigError
+from selfimprove.errors import ConfigError
 from selfimprove.extras import require
 
 BACKENDS = ("ddp", "deepspeed", "fsdp2")
@@ -237,17 +236,18 @@ def backward(accelerator: Accelerator, model: torch.nn.Module, loss: torch.Tenso
 
 
 def clip_and_norm(accelerator: Accelerator, model: torch.nn.Module, max_norm: float) -> float:
-    """Clips (except under DeepSpeed, which clips inside its step) and returns the global grad norm."""
-    if is_deepspeed(accelerator):
-        return math.nan  # known only after DeepSpeed's step: `deepspeed_step`
+    """Clips and returns the global grad norm (not under DeepSpeed, which clips inside its step)."""
     norm = accelerator.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], max_norm)
     norm = norm.full_tensor() if hasattr(norm, "full_tensor") else norm
     return float(norm)
 
 
-def deepspeed_step(model: torch.nn.Module) -> float:
-    """DeepSpeed's optimizer step at the boundary (clip, step, zero grads); its global grad norm.
-    A non-finite step cannot be skipped from outside in bf16/fp32 (fp16's loss scaler skips it)."""
+def deepspeed_step(model: torch.nn.Module) -> tuple[float | None, bool]:
+    """DeepSpeed's optimizer step at the boundary (clip, step, zero grads): (its global grad norm, or
+    None when it computed none; whether it skipped the step). DeepSpeed skips a step whose gradient
+    is not finite (fp16 always; bf16 and fp32 through its grad-norm check in 0.19.8, the version
+    scripts/setup.sh installs) and records it in the optimizer's `overflow`."""
     model.step()
     norm = model.get_global_grad_norm()
-    return float(norm) if norm is not None else math.nan
+    skipped = bool(getattr(model.optimizer, "overflow", False))
+    return (float(norm) if norm is not None else None), skipped

@@ -136,7 +136,11 @@ def evaluate(args: list[str]) -> None:
         raise ConfigError(str(e)) from None
     global _in_job
     _in_job = True
-    print(json.dumps(evaluate_run(cfg, run_dir), indent=1))
+    from selfimprove.logging import stdout_to_stderr
+
+    with stdout_to_stderr():  # stdout is the JSON alone: `selfimprove eval RUN > result.json`
+        result = evaluate_run(cfg, run_dir)
+    print(json.dumps(result, indent=1))
 
 
 # --- the entry point --------------------------------------------------------------------------------

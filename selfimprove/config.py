@@ -19,9 +19,9 @@ from typing import Any
 from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
 
-
-class ConfigError(ValueError):
-    """A config problem found before the run starts; the message names the key."""
+# its own module: the checks below call into backends.py and sampling/vllm.py, which raise it too;
+# `from selfimprove.config import ConfigError` keeps working
+from selfimprove.errors import ConfigError
 
 
 @dataclass
@@ -88,6 +88,9 @@ class TrainerConfig:
     weight_decay: float = 0.0
     momentum: float = 0.0  # sgd only
     gradient_checkpointing: bool = False
+    # the update's forward: "auto" packs a micro-batch's rows as one prefix tree where that is cheaper
+    # (each shared prompt token once), "false" runs every row whole, "true" always packs
+    share_prefix: str = "auto"
     max_grad_norm: float = 1.0
     steps_per_round: int = 8  # optimizer steps in each update phase
     micro_batch_size: int = 16
@@ -239,13 +242,15 @@ def validate_targets(cfg: DictConfig) -> None:
             if group in entry.overrides:
                 walk(f"schedule.{entry.name}.{group}", scheduled[group])
         check_stage_columns(scheduled)
-    if cfg.sampler.backend == "vllm" and cfg.model.kind == "tiny":
-        raise ConfigError("sampler.backend=vllm loads a model folder; model.kind=tiny is built in code")
-    from selfimprove.sampling.vllm import check_backend  # it imports this module
+    from selfimprove.sampling.vllm_checks import check_backend, check_sampling_values
 
+    if cfg.sampler.backend == "vllm":
+        if cfg.model.kind == "tiny":
+            raise ConfigError("sampler.backend=vllm loads a model folder; model.kind=tiny is built in code")
+        check_sampling_values(cfg)  # temperatures and top-p vLLM samples at exactly as asked
     check_backend(cfg.sampler.backend)  # hf | vllm (where vllm imports and a CUDA GPU is visible)
     _check_model(cfg)
-    from selfimprove import backends  # it imports this module
+    from selfimprove import backends
 
     backends.check(cfg)
     if cfg.trainer.optimizer not in ("adamw", "adamw_8bit", "sgd"):
@@ -302,7 +307,12 @@ def schedule(cfg: DictConfig) -> list[ScheduleEntry]:
             merged = OmegaConf.merge(cfg, overrides)
         except Exception as e:
             key = getattr(e, "full_key", "") or ""
-            raise ConfigError(f"{where}.{key}: {str(e).splitlines()[0]}") from None
+            why = str(e).splitlines()[0]
+            parent = OmegaConf.select(cfg, key.rpartition(".")[0]) if "." in key else None
+            if "not in struct" in why and OmegaConf.is_dict(parent):  # a typo: list the keys there are
+                keys = ", ".join(str(k) for k in parent if not str(k).startswith("_"))
+                why = f"no such key in {key.rpartition('.')[0]} (keys: {keys})"
+            raise ConfigError(f"{where}.{key}: {why}") from None
         entries.append(ScheduleEntry(i, str(item["name"]), until, overrides, merged))
     return entries
 
@@ -334,6 +344,8 @@ def check_trainable(cfg: DictConfig) -> None:
             "model.dtype=float16 cannot train here (fp16 gradients need a loss scaler): use bfloat16, which "
             "trains with fp32 master weights, or float32"
         )
+    if str(cfg.trainer.share_prefix).lower() not in ("auto", "true", "false"):
+        raise ConfigError(f"trainer.share_prefix: {cfg.trainer.share_prefix!r} is not auto|true|false")
 
 
 def check_stage_columns(container: dict) -> None:

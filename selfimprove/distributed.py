@@ -33,11 +33,6 @@ def barrier() -> None:
         state().wait_for_everyone()
 
 
-def my_units(n_units: int) -> list[int]:
-    """Round-robin: unit u belongs to rank u % world. Units, not ranks, carry the randomness."""
-    return list(range(rank(), n_units, world()))
-
-
 def all_sum(values: list[float]) -> list[float]:
     """Sums over ranks, on the backend's device (NCCL takes only CUDA tensors, gloo CPU ones)."""
     if world() == 1:

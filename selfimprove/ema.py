@@ -16,6 +16,17 @@ from torch import Tensor, nn
 
 from selfimprove.backends import local
 
+# The names users give weights (ema.sample_from, ema.evaluate, `sample weights=`, `export --weights`) and
+# the engine's one vocabulary (Engine.WEIGHTS): "raw" is the trained weights, the engine's "policy".
+USER_WEIGHTS = {"raw": "policy", "ema": "ema"}
+
+
+def engine_weights(name: str) -> str:
+    """The engine's name for the weights a user named raw|ema."""
+    if name not in USER_WEIGHTS:
+        raise ValueError(f"weights: {name!r} is not {'|'.join(USER_WEIGHTS)}")
+    return USER_WEIGHTS[name]
+
 
 def ema_beta(t: int, warmup: int = 10, power: float = 0.5, floor: float = 1e-4) -> float:
     """beta_t = max((1 + max(0, t - warmup))^(-power), floor), for optimizer step t counted from 1.
@@ -56,6 +67,7 @@ class EMA:
         }
         if not self.shadow:
             raise ValueError("model has no trainable parameters to average")
+        self.version = 0  # counts changes of the averages: a copy made of them names the one it holds
 
     def _params(self, model: nn.Module) -> dict[str, nn.Parameter]:
         params = dict(model.named_parameters())
@@ -76,28 +88,13 @@ class EMA:
                 avg.copy_(cur)  # exact copy; also clears any non-finite history
             else:
                 avg.mul_(1.0 - beta).add_(cur, alpha=beta)
+        self.version += 1
         return beta
 
-    @contextmanager
-    def swapped_in(self, model: nn.Module) -> Iterator[nn.Module]:
-        """Temporarily load the averages into ``model``; the raw weights come back on exit.
-
-        The raw weights are backed up on CPU (memory-safe for full fine-tunes) and restored
-        bit-for-bit even if the body raises. Do not step the optimizer inside.
-        """
-        params = self._params(model)
-        backup: dict[str, Tensor] = {}
-        with torch.no_grad():
-            for name, avg in self.shadow.items():
-                p = local(params[name])
-                backup[name] = p.detach().to("cpu", copy=True)
-                p.copy_(avg.to(device=p.device, dtype=p.dtype))
-        try:
-            yield model
-        finally:
-            with torch.no_grad():
-                for name, raw in backup.items():
-                    local(params[name]).copy_(raw.to(local(params[name]).device))
+    def swapped_in(self, model: nn.Module) -> contextlib.AbstractContextManager[nn.Module]:
+        """Temporarily load the averages into ``model`` (each rank its part); see `swapped`."""
+        self._params(model)  # a missing name is a KeyError before anything moves
+        return swapped(model, self.shadow)
 
     def state_dict(self) -> dict[str, Tensor]:
         """Flat name -> fp32 tensor map (safetensors-compatible); schedule args are config."""
@@ -112,8 +109,27 @@ class EMA:
             if t.shape != self.shadow[name].shape:
                 raise ValueError(f"shape mismatch for {name}: {tuple(t.shape)}")
             self.shadow[name].copy_(t.to("cpu", torch.float32))
+        self.version += 1
 
 
-def weights(model: nn.Module, ema: EMA | None, which: str) -> contextlib.AbstractContextManager:
-    """A context with the raw ("raw") or averaged ("ema") weights in the model."""
-    return ema.swapped_in(model) if which == "ema" and ema is not None else contextlib.nullcontext()
+@contextmanager
+def swapped(model: nn.Module, tensors: dict[str, Tensor]) -> Iterator[nn.Module]:
+    """Temporarily load `tensors` (by parameter name, shaped like each parameter's `local` part) into
+    ``model``; its own weights come back on exit.
+
+    The own weights are backed up on CPU (memory-safe for full fine-tunes) and restored bit-for-bit
+    even if the body raises. Do not step the optimizer inside.
+    """
+    params = dict(model.named_parameters())
+    backup: dict[str, Tensor] = {}
+    with torch.no_grad():
+        for name, value in tensors.items():
+            p = local(params[name])
+            backup[name] = p.detach().to("cpu", copy=True)
+            p.copy_(value.to(device=p.device, dtype=p.dtype))
+    try:
+        yield model
+    finally:
+        with torch.no_grad():
+            for name, own in backup.items():
+                local(params[name]).copy_(own.to(local(params[name]).device))

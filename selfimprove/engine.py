@@ -20,11 +20,12 @@ from transformers import get_scheduler
 
 from selfimprove import backends, checkpoint, models
 from selfimprove import distributed as dist
-from selfimprove.config import ConfigError
-from selfimprove.ema import EMA
-from selfimprove.ema import weights as ema_weights
+from selfimprove.ema import EMA, swapped
+from selfimprove.errors import ConfigError
 from selfimprove.sampling import HFSampler
 from selfimprove.sampling.hf import next_token_logprobs, sequence_logprobs
+
+WEIGHTS = ("policy", "base", "ema")  # what a generate / logprobs call names: the one vocabulary
 
 # peft and accelerate still ask transformers 5 for the old name; users cannot act on the warning.
 warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
@@ -63,14 +64,14 @@ class Engine:
             length_bucket=cfg.sampler.length_bucket,
             batch_size=cfg.sampler.batch_size,
         )
-        # sampler.backend=vllm: the policy samples on a colocated vLLM engine (weights pushed after each
-        # update); the base and EMA weights, rarely sampled, stay with transformers
+        # sampler.backend=vllm: the policy and the EMA sample on a colocated vLLM engine (the trained
+        # weights pushed after each update, the average when asked for); the base stays with transformers
         self.vllm = None
         if cfg.sampler.backend == "vllm":
             from selfimprove.sampling.vllm import VLLMSampler
 
-            self.vllm = VLLMSampler(self.tokenizer, models.model_path(cfg.model), cfg.sampler, cfg.seed)
-        self.sync: dict[str, float] = {}  # the last push's probe, for the round's record
+            model_path = models.model_path(cfg.model)
+            self.vllm = VLLMSampler(self.tokenizer, model_path, cfg, autocast=self.accelerator.autocast)
         self.pad = self.tokenizer.pad_token_id
         self._classifiers: dict[str, tuple] = {}
 
@@ -112,6 +113,7 @@ class Engine:
         self.ema = (
             EMA(self.trained, cfg.ema.warmup, cfg.ema.power, cfg.ema.floor) if cfg.ema.enabled else None
         )
+        self._whole_ema: tuple[int, dict[str, torch.Tensor]] | None = None  # (EMA version, tensors)
 
     def ema_update(self, global_step: int) -> None:
         if self.ema is not None:
@@ -122,32 +124,51 @@ class Engine:
         if self.vllm is not None:
             self.vllm.sleep()
 
-    def after_update(self) -> None:
+    def after_update(self) -> dict[str, float]:
         """Collective, after each update phase: the sampling copy takes the trained weights, and vLLM
-        takes them from it (verified by its log-prob probe)."""
+        takes them from it; returns vLLM's log-prob probe of the push ({} without vLLM)."""
         if self.partitioned:
             self._push(self.policy)
         if self.vllm is not None:
-            self.sync = {"sampler/probe_max_abs_diff": self.vllm.push(self.policy)}
+            return {"sampler/probe_max_abs_diff": self.vllm.push(self.policy)}
+        return {}
 
     def _push(self, target: torch.nn.Module) -> None:
         models.load_trainable(target, backends.gather(self.trained))
 
-    # ----- which weights -----
+    # ----- which weights: every generate / logprobs call names them -----
     @contextlib.contextmanager
-    def weights(self, which: str) -> Iterator[None]:
-        """A context with the raw ("raw") or averaged ("ema") weights in the policy (collective when
-        the parameters are partitioned: the averaged parts are swapped in, then pushed)."""
-        if not (self.partitioned and which == "ema" and self.ema is not None):
-            with ema_weights(self.policy, self.ema, which):
-                yield
+    def model_with(self, weights: str) -> Iterator[torch.nn.Module]:
+        """The module holding `weights` (WEIGHTS): "policy", the trained weights as they are now;
+        "base", the frozen base; "ema", the average, loaded into the policy's module for the duration
+        (the trained weights come back after; an error when the run keeps no EMA)."""
+        if weights == "policy":
+            yield self.policy
+        elif weights == "base":
+            with self.reference() as base:
+                yield base
+        elif weights == "ema":
+            if self.ema is None:
+                raise ValueError("weights='ema' needs the EMA: set ema.enabled=true")
+            if not self.partitioned:
+                with self.ema.swapped_in(self.policy):
+                    yield self.policy
+                return
+            self.share_ema()  # collective when stale: see share_ema
+            with swapped(self.policy, self._whole_ema[1]):
+                yield self.policy
+        else:
+            raise ValueError(f"weights must be one of {'|'.join(WEIGHTS)}, got {weights!r}")
+
+    def share_ema(self) -> None:
+        """Collective under ZeRO-3/FSDP2 (a no-op otherwise): there each rank averages only its part of
+        the weights, so the whole average is gathered (to the CPU) once per EMA version, for "ema"
+        requests to load locally. Call it on every rank before a phase whose units ask for "ema":
+        units are split over ranks, so a gather inside one would not pair up."""
+        if not self.partitioned or self.ema is None:
             return
-        with self.ema.swapped_in(self.trained):
-            self._push(self.policy)
-        try:
-            yield
-        finally:
-            self._push(self.policy)
+        if self._whole_ema is None or self._whole_ema[0] != self.ema.version:
+            self._whole_ema = (self.ema.version, backends.gather_locals(self.trained, self.ema.shadow))
 
     @contextlib.contextmanager
     def reference(self) -> Iterator[torch.nn.Module]:
@@ -159,55 +180,50 @@ class Engine:
                 yield base
 
     # ----- what stages ask of the model -----
-    def generate(self, prompts: list[list[int]], weights: str = "policy", **gen) -> list[dict]:
-        if self.vllm is not None and weights == "policy":
+    def generate(self, prompts: list[list[int]], *, weights: str, **gen) -> list[dict]:
+        """Completions from `weights`. With vLLM the policy and the EMA sample there (the one it does
+        not hold is pushed first, checked by the probe); the base samples with transformers."""
+        if self.vllm is not None and weights in ("policy", "ema"):
+            self._vllm_holding(weights)
             return self.vllm.generate(None, prompts, **gen)
-        with self._weights(weights) as model, self.accelerator.autocast():
+        with self.model_with(weights) as model, self.accelerator.autocast():
             return self.sampler.generate(model, prompts, **gen)
+
+    def _vllm_holding(self, weights: str) -> None:
+        """vLLM holds one copy of the weights: push `weights` unless it holds them already. The
+        trained weights are pushed after every update (after_update); an EMA push is named by the
+        EMA's version, so an average that moved since is pushed again."""
+        label = "policy" if weights == "policy" else f"ema@{self.ema.version if self.ema else None}"
+        if self.vllm.holds != label:
+            with self.model_with(weights) as model:
+                self.vllm.push(model, holds=label)
 
     def logprobs(
         self,
         prompts: list[list[int]],
         completions: list[list[int]],
-        weights: str = "base",
+        weights: str,
         batch_size: int = 64,
     ) -> list[list[float]]:
         """Per-token log-probs of given completions under the policy, the base or the EMA weights."""
         out: list[list[float]] = []
-        with self._weights(weights) as model, self.accelerator.autocast():
+        with self.model_with(weights) as model, self.accelerator.autocast():
             for s in range(0, len(prompts), batch_size):
                 out += sequence_logprobs(
                     model, prompts[s : s + batch_size], completions[s : s + batch_size], self.pad
                 )
         return out
 
-    @contextlib.contextmanager
-    def _weights(self, which: str) -> Iterator[torch.nn.Module]:
-        """The model a stage asked for: "policy" (as it is now), "base" (frozen) or "ema" (the average
-        swapped into the policy for the duration; an error when the run keeps no EMA)."""
-        if which == "base":
-            with self.reference() as base:
-                yield base
-        elif which == "ema":
-            if self.ema is None:
-                raise ValueError("weights='ema' needs the EMA: set ema.enabled=true")
-            with self.weights("ema"):
-                yield self.policy
-        elif which == "policy":
-            yield self.policy
-        else:
-            raise ValueError(f"weights must be 'policy', 'base' or 'ema', got {which!r}")
-
     def next_token_logprobs(
         self,
         prefix: list[int],
         suffixes: list[list[int]],
         candidates: list[int],
-        weights: str = "policy",
+        weights: str,
         batch_size: int = 64,
     ) -> list[list[float]]:
         """log p(candidate | prefix + suffix) per suffix, the shared prefix computed once (P(True))."""
-        with self._weights(weights) as model, self.accelerator.autocast():
+        with self.model_with(weights) as model, self.accelerator.autocast():
             return next_token_logprobs(model, prefix, suffixes, candidates, self.pad, batch_size)
 
     def classifier(self, path: str) -> tuple[torch.nn.Module, object]:

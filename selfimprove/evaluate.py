@@ -17,6 +17,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from selfimprove import distributed as dist
 from selfimprove import phases
+from selfimprove.ema import engine_weights
 from selfimprove.metrics import eval_summary
 from selfimprove.repetition import perplexity, text_metrics
 from selfimprove.rollout import OneTurn
@@ -66,37 +67,40 @@ def evaluate(
         fault=fault,
         rollout=build_rollout(cfg),
     )
-    gen = dict(max_new_tokens=cfg.eval.max_new_tokens, record=False)
-    for which in cfg.ema.evaluate:
-        with engine.weights(which):
-            greedy = phases.sample_units(
-                folder / f"{which}-greedy",
-                problems,
-                n=1,
-                gen={**gen, "greedy": True},
-                seed_of_unit=lambda u: 0,
-                desc=f"eval {which} greedy",
+    for which in cfg.ema.evaluate:  # raw | ema: the folder and metric names; the engine's name passed
+        weights = engine_weights(which)
+        if weights == "ema":
+            engine.share_ema()  # collective: before the units, which ranks split
+        gen = dict(max_new_tokens=cfg.eval.max_new_tokens, record=False, weights=weights)
+        greedy = phases.sample_units(
+            folder / f"{which}-greedy",
+            problems,
+            n=1,
+            gen={**gen, "greedy": True},
+            seed_of_unit=lambda u: 0,
+            desc=f"eval {which} greedy",
+            **common,
+        )
+        if greedy is None:
+            return None
+        prefix = "eval/" if which == "raw" else "eval_ema/"
+        if getattr(task, "open_ended", False):  # no answer to check: repetition and perplexity
+            summary = text_summary(cfg, task, engine, greedy, weights)
+            out.update({prefix + k: v for k, v in summary.items()})
+            continue
+        sampled: list[dict] = []
+        if cfg.eval.k > 0 and with_k:
+            sampled = phases.sample_units(
+                folder / f"{which}-k{cfg.eval.k}",
+                problems[: cfg.eval.k_problems],
+                n=cfg.eval.k,
+                gen={**gen, "temperature": cfg.eval.temperature},
+                seed_of_unit=lambda u: dist.derive_seed(cfg.seed, "eval", u),
+                desc=f"eval {which} k={cfg.eval.k}",
                 **common,
             )
-            if greedy is None:
+            if sampled is None:
                 return None
-            prefix = "eval/" if which == "raw" else "eval_ema/"
-            if getattr(task, "open_ended", False):  # no answer to check: repetition and perplexity
-                out.update({prefix + k: v for k, v in text_summary(cfg, task, engine, greedy).items()})
-                continue
-            sampled: list[dict] = []
-            if cfg.eval.k > 0 and with_k:
-                sampled = phases.sample_units(
-                    folder / f"{which}-k{cfg.eval.k}",
-                    problems[: cfg.eval.k_problems],
-                    n=cfg.eval.k,
-                    gen={**gen, "temperature": cfg.eval.temperature},
-                    seed_of_unit=lambda u: dist.derive_seed(cfg.seed, "eval", u),
-                    desc=f"eval {which} k={cfg.eval.k}",
-                    **common,
-                )
-                if sampled is None:
-                    return None
         out.update({prefix + k: v for k, v in eval_summary(greedy, sampled, cfg.eval.k).items()})
     if cfg.eval.dev_problems > 0:  # the problems after the test ones: never the ones reported
         dev = task.eval_problems(cfg.eval.n_problems + cfg.eval.dev_problems)[cfg.eval.n_problems :]
@@ -104,7 +108,7 @@ def evaluate(
             folder / "raw-dev",
             dev,
             n=1,
-            gen={**gen, "greedy": True},
+            gen=dict(max_new_tokens=cfg.eval.max_new_tokens, record=False, weights="policy", greedy=True),
             seed_of_unit=lambda u: 0,
             desc="eval dev",
             **common,
@@ -115,17 +119,17 @@ def evaluate(
     return out
 
 
-def text_summary(cfg: DictConfig, task, engine, greedy: list[dict]) -> dict[str, float]:
+def text_summary(cfg: DictConfig, task, engine, greedy: list[dict], weights: str) -> dict[str, float]:
     """An open-ended task's held-out metrics: repetition and diversity of the greedy continuations
     (rep-n, rep-w, rep-r, rep-sen, distinct-n), and the perplexity of the true continuations given
-    their prompts under the weights in the policy now."""
+    their prompts under `weights` (those that wrote the continuations)."""
     out = text_metrics([r["completion_ids"] for r in greedy], [r["completion"] for r in greedy])
     documents = task.eval_documents(cfg.eval.n_problems)
     encode = engine.tokenizer
     prompts = [encode(p, add_special_tokens=False)["input_ids"] for p, _ in documents]
     continuations = [encode(c, add_special_tokens=False)["input_ids"] for _, c in documents]
     out["perplexity"] = perplexity(
-        engine.logprobs(prompts, continuations, weights="policy", batch_size=cfg.eval.batch_size)
+        engine.logprobs(prompts, continuations, weights=weights, batch_size=cfg.eval.batch_size)
     )
     return out
 

@@ -42,10 +42,9 @@ def _clean_generation_config(model, tokenizer) -> None:
     model.generation_config = GenerationConfig(**ids)
 
 
-def write_model(engine, folder: Path, *, merge: bool) -> str:
-    """The policy as it is now (raw or EMA, whichever is swapped in) into `folder`; "merged" or
+def write_model(engine, model, folder: Path, *, merge: bool) -> str:
+    """`model` (the engine's policy module holding the weights to export) into `folder`; "merged" or
     "adapter". Merging changes the policy in place: call it last, on an engine about to be dropped."""
-    model = engine.policy
     lora = hasattr(model, "merge_and_unload")
     if lora and not merge:
         model.peft_config["default"].base_model_name_or_path = _base_name(engine.cfg.model)
@@ -143,6 +142,7 @@ def export(
     if weights == "ema" and not cfg.ema.enabled:
         raise CommandError("--weights ema but the run kept no EMA")
     from selfimprove.checkpoint import latest
+    from selfimprove.ema import engine_weights
     from selfimprove.engine import Engine
 
     if latest(run_dir) is None:  # before loading any model
@@ -154,8 +154,8 @@ def export(
     tmp = out_dir.with_name(f".{out_dir.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     try:
-        with engine.weights(weights):
-            kind = write_model(engine, tmp, merge=merge or not cfg.trainer.lora)
+        with engine.model_with(engine_weights(weights)) as model:
+            kind = write_model(engine, model, tmp, merge=merge or not cfg.trainer.lora)
         OmegaConf.save(cfg.model, tmp / "selfimprove_model.yaml")
         readme = _readme(cfg, kind=kind, out=out_dir, run_dir=run_dir, checkpoint=checkpoint, weights=weights)
         (tmp / "README.md").write_text(readme)
@@ -189,7 +189,9 @@ def main(argv: list[str]) -> None:
     parser.add_argument("--force", action="store_true", help="replace a non-empty OUT_DIR")
     rest, overrides = split_args(argv)
     args = parser.parse_args(rest)
-    with one_line_errors("export"):
+    from selfimprove.logging import log, stdout_to_stderr
+
+    with one_line_errors("export"), stdout_to_stderr():
         out = export(
             args.run_dir,
             args.out_dir,
@@ -198,4 +200,4 @@ def main(argv: list[str]) -> None:
             force=args.force,
             overrides=overrides,
         )
-    print(f"[selfimprove] exported to {out}")
+    log(f"exported to {out}")

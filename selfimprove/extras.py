@@ -6,7 +6,7 @@ import importlib
 import importlib.util
 from types import ModuleType
 
-from selfimprove.config import ConfigError
+from selfimprove.errors import ConfigError
 
 
 def available(module: str) -> bool:

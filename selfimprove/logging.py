@@ -3,10 +3,12 @@ and tqdm progress bars. Only rank 0 writes."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
 import secrets
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -14,6 +16,17 @@ from tqdm.auto import tqdm
 
 from selfimprove import distributed as dist
 from selfimprove.config import ConfigError
+
+
+def log(message: str) -> None:
+    """A `[selfimprove]` line on stderr: stdout carries only a command's data (eval's JSON)."""
+    print(f"[selfimprove] {message}", file=sys.stderr, flush=True)
+
+
+def stdout_to_stderr() -> contextlib.AbstractContextManager:
+    """For a command whose stdout is data: while it works, anything printed to stdout goes to stderr,
+    libraries' notices included (DeepSpeed's logger, made on import, keeps the stream it found)."""
+    return contextlib.redirect_stdout(sys.stderr)
 
 
 def _clean(value: Any) -> Any:

@@ -19,16 +19,16 @@ from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from selfimprove import checkpoint, faults, phases
+from selfimprove import checkpoint, faults, phases, train
 from selfimprove import distributed as dist
 from selfimprove.config import ConfigError, build_stages, check_trainable, schedule, scheduled
+from selfimprove.ema import engine_weights
 from selfimprove.engine import Engine
 from selfimprove.evaluate import evaluate, select_round
 from selfimprove.logging import MetricsLogger, progress, trim_metrics
 from selfimprove.metrics import summarize_round
 from selfimprove.resume import resume_diff
 from selfimprove.stages import Context, Scorer, order_stages
-from selfimprove.train import update
 
 _stop = {"requested": False}
 
@@ -135,11 +135,14 @@ class Loop:
 
     # ----- the phases -----
     def sample(self, r: Round) -> list[dict] | None:
-        """This round's prompts, n completions each, from the raw or EMA weights."""
+        """This round's prompts, n completions each, from the raw or EMA weights (ema.sample_from)."""
         cfg = self.cfg
         start = (r.number - 1) * cfg.loop.prompts_per_round
         problems = [self.task.train_problem(start + i) for i in range(cfg.loop.prompts_per_round)]
-        with r.phase("sample"), self.engine.weights(cfg.ema.sample_from):
+        weights = engine_weights(cfg.ema.sample_from)
+        with r.phase("sample"):
+            if weights == "ema":
+                self.engine.share_ema()  # collective: before the units, which ranks split
             rows = phases.sample_units(
                 r.folder / "samples",
                 problems,
@@ -148,7 +151,7 @@ class Loop:
                 rollout=self.rollout,
                 n=cfg.sampler.n,
                 batch_size=cfg.sampler.batch_size,
-                gen=phases.generation_options(cfg.sampler),
+                gen={**phases.generation_options(cfg.sampler), "weights": weights},
                 seed_of_unit=lambda u: dist.derive_seed(cfg.seed, r.number, "sample", u),
                 timer=r.compute,
                 should_stop=should_stop,
@@ -190,7 +193,8 @@ class Loop:
         return examples
 
     def update(self, r: Round, examples: list[dict]) -> bool:
-        """K optimizer steps (+ EMA after each); False if stopped by a signal."""
+        """K optimizer steps, each followed by the EMA, its log line and the collective stop decision;
+        False if stopped by a signal (after saving where it stopped: every rank agrees)."""
         cfg, journal = self.cfg, self.journal
         if len(examples) < max(cfg.trainer.min_selected, 1):
             print(f"[selfimprove] round {r.number}: {len(examples)} samples selected, skipping the update")
@@ -198,35 +202,31 @@ class Loop:
             return True
         start = journal["update_step"] if journal["round"] == r.number else 0
         bar = progress(cfg.trainer.steps_per_round, f"round {r.number} update", start)
-
-        def after_step(step: int, metrics: dict) -> bool:
-            journal["global_step"] += 1
-            self.engine.ema_update(journal["global_step"])  # t counts from 1
-            self.logger.log(
-                {"round": r.number, "step": journal["global_step"], **metrics}, journal["global_step"]
-            )
-            bar.update(1)
-            faults.point(f"update:r{r.number}:s{step}")
-            if should_stop():
-                self.save(r.number, "update", step)
-                return True
-            return False
-
         with r.phase("update"):
-            update(
+            for step, metrics in train.steps(
                 self.engine,
                 r.parts.objective,
                 examples,
                 cfg=cfg.trainer,
                 seed_of_step=lambda *parts: dist.derive_seed(cfg.seed, r.number, "train", *parts),
-                start_step=start,
-                after_step=after_step,
+                start=start,
                 fault=f"update:r{r.number}",
-            )
-        r.compute["train"] = r.seconds["update"]  # the whole update call is compute (collate to EMA)
-        r.record.update(self.engine.sync)  # vLLM's probe after its weight push
+            ):
+                journal["global_step"] += 1
+                self.engine.ema_update(journal["global_step"])  # t counts from 1
+                self.logger.log(
+                    {"round": r.number, "step": journal["global_step"], **metrics}, journal["global_step"]
+                )
+                bar.update(1)
+                faults.point(f"update:r{r.number}:s{step}")
+                if should_stop():
+                    self.save(r.number, "update", step)
+                    bar.close()
+                    return False
+            r.record.update(self.engine.after_update())  # the sampler takes the weights (vLLM: its probe)
+        r.compute["train"] = r.seconds["update"]  # the whole update is compute (collate to EMA)
         bar.close()
-        return not _stop["requested"]
+        return True
 
     def evaluate(self, r: Round) -> bool:
         """Held-out metrics (cached on disk, so a resumed run does not redo them); False if stopped."""

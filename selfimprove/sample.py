@@ -75,6 +75,7 @@ class Session:
     engine: Any
     split: str
     seed: int
+    weights: str = "policy"  # what the rows are sampled from, in the engine's names (policy | ema)
 
     @property
     def n_units(self) -> int:
@@ -103,7 +104,7 @@ class Session:
             task=self.task,
             n=cfg.sampler.n,
             batch_size=cfg.sampler.batch_size,
-            gen=phases.generation_options(cfg.sampler),
+            gen={**phases.generation_options(cfg.sampler), "weights": self.weights},
             seed_of_unit=lambda u: dist.derive_seed(self.seed, u),
             timer={},
             should_stop=lambda: False,
@@ -141,6 +142,7 @@ def open_session(
 
     from selfimprove import distributed as dist
     from selfimprove.config import ConfigError, build_stages
+    from selfimprove.ema import engine_weights
     from selfimprove.engine import Engine
 
     cfg = load_config(run_dir, overrides)
@@ -166,7 +168,7 @@ def open_session(
     if run_dir is not None:
         restore(engine, run_dir, weights, flag="weights=ema")
     seed = dist.derive_seed(cfg.seed, "sample-command", split)
-    return Session(cfg, task, problems, stages, engine, split, seed)
+    return Session(cfg, task, problems, stages, engine, split, seed, engine_weights(weights))
 
 
 def sample(
@@ -177,7 +179,7 @@ def sample(
 
     session = open_session(run_dir, overrides, n_prompts=n_prompts, split=split, weights=weights)
     # Units in a throwaway folder (one process): the loop's own sample and verify code; seeds from `seed`.
-    with tempfile.TemporaryDirectory(prefix="selfimprove-sample-") as tmp, session.engine.weights(weights):
+    with tempfile.TemporaryDirectory(prefix="selfimprove-sample-") as tmp:
         session.draw(Path(tmp) / "samples")
         rows = phases.verify_units(
             Path(tmp) / "samples",
@@ -227,7 +229,9 @@ def main(argv: list[str]) -> None:
     parser.add_argument("run_dir", nargs="?", type=Path, metavar="RUN_DIR")
     rest, overrides = split_args(argv)
     args = parser.parse_args(rest)
-    with one_line_errors("sample"):
+    from selfimprove.logging import log, stdout_to_stderr
+
+    with one_line_errors("sample"), stdout_to_stderr():
         options = _options(overrides)
         out = options.pop("out")
         rows = sample(args.run_dir, overrides, **options)
@@ -235,4 +239,4 @@ def main(argv: list[str]) -> None:
 
         if dist.is_main():
             write_rows(out, rows)
-    print(f"[selfimprove] wrote {len(rows)} samples to {out}")
+    log(f"wrote {len(rows)} samples to {out}")

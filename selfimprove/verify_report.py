@@ -325,10 +325,7 @@ def run(
         return [s for _, s in named]
 
     session = open_session(run_dir, rest, scorers=scorers, **options)
-    with (
-        tempfile.TemporaryDirectory(prefix="selfimprove-report-") as tmp,
-        session.engine.weights(options["weights"]),
-    ):
+    with tempfile.TemporaryDirectory(prefix="selfimprove-report-") as tmp:
         t = time.perf_counter()
         rows = session.draw(Path(tmp) / "samples")
         sampling = time.perf_counter() - t

@@ -31,6 +31,32 @@ TINY = [
 ]
 
 
+def cfg_of(*overrides: str, recipe: str | None = "sharpen_sft", model: str | None = "tiny"):
+    """The config `train` composes from the overrides, without running; the tiny sharpen_sft one unless
+    recipe/model say otherwise (None: the config's own default)."""
+    from selfimprove.compose import compose_config  # imported late: the environment above comes first
+    from selfimprove.config import register
+
+    register()
+    head = [f"recipe={recipe}"] * bool(recipe) + [f"model={model}"] * bool(model)
+    return compose_config([*head, *overrides])
+
+
+def reset_accelerate() -> None:
+    """accelerate keeps one state per process: an engine built after another (maybe bf16) starts fresh."""
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+
+
+@pytest.fixture
+def fresh_accelerator_state():
+    """Use with `pytestmark = pytest.mark.usefixtures("fresh_accelerator_state")`: each test's engine
+    starts from a fresh accelerate state."""
+    reset_accelerate()
+    yield
+
+
 def run_cli(
     args: list[str], *, env: dict | None = None, launcher: list[str] | None = None, check: bool = True
 ):

@@ -4,8 +4,11 @@ test_tasks.py.)"""
 
 import json
 
+import pytest
 from conftest import TINY, run_cli
 from safetensors.torch import load_file
+
+from selfimprove import extras
 
 
 def _error_line(proc) -> str:
@@ -30,11 +33,23 @@ def test_fp16_training_is_refused(tmp_path):
     assert "model.dtype=float16 cannot train" in _error_line(proc)
 
 
-def test_nan_loss_skips_the_step_and_never_reaches_a_checkpoint(tmp_path):
+@pytest.mark.parametrize("launcher", ["ddp", "zero2"])
+def test_nan_loss_skips_the_step_and_never_reaches_a_checkpoint(tmp_path, launcher):
+    # under DeepSpeed the step runs inside DeepSpeed: its own overflow check must skip it (a NaN step
+    # applied would leave NaN weights, which the checks below see)
+    if launcher == "zero2" and not extras.available("deepspeed"):
+        pytest.skip("needs the deepspeed extra")
     run_dir = tmp_path / "r"
-    args = [*TINY, f"run.dir={run_dir}", "loop.rounds=1", "eval.k=0", "eval.n_problems=4"]
+    args = [
+        *TINY,
+        f"run.dir={run_dir}",
+        "loop.rounds=1",
+        "eval.k=0",
+        "eval.n_problems=4",
+        f"launcher={launcher}",
+    ]
     proc = run_cli(["train", *args], env={"SELFIMPROVE_NAN_AT": "update:r1:s2"})
-    assert "step 2: loss or gradient not finite, step skipped" in proc.stdout
+    assert "step 2: loss or gradient not finite, step skipped" in proc.stdout + proc.stderr
     steps = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
     steps = [x for x in steps if "train/loss" in x]
     assert [x.get("train/skipped_nonfinite", False) for x in steps] == [False, True, False]

@@ -258,3 +258,22 @@ def test_wheel_carries_configs_and_recipes(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.startswith(str(tmp_path / "site" / "selfimprove" / "_configs"))
     assert "GroundTruthFilter" in proc.stdout and "kind: tiny" in proc.stdout
+
+
+# --- stdout is data ----------------------------------------------------------------------------------
+
+
+def test_eval_stdout_is_the_json_alone(baseline_run, tmp_path):
+    """`selfimprove eval RUN > result.json` gives JSON: logs (ours, DeepSpeed's notice) go to stderr;
+    `sample` and `export` write nothing but their files."""
+    import json
+
+    proc = run_cli(["eval", str(baseline_run), "eval.n_problems=4", "eval.k=1", "eval.k_problems=2"])
+    result = json.loads(proc.stdout)
+    assert "eval/accuracy" in result and result["checkpoint"]
+    assert "[selfimprove] loaded" in proc.stderr
+    out = tmp_path / "s.jsonl"
+    proc = run_cli(["sample", str(baseline_run), "sampler.n=2", "prompts=2", f"out={out}"])
+    assert proc.stdout == "" and "[selfimprove] wrote" in proc.stderr and out.exists()
+    proc = run_cli(["export", str(baseline_run), str(tmp_path / "export")])
+    assert proc.stdout == "" and "[selfimprove] exported" in proc.stderr

@@ -3,6 +3,7 @@
 No SLURM, docker or torch needed: the scripts run under bash with shims that record their arguments.
 """
 
+import importlib.metadata
 import os
 import re
 import shlex
@@ -21,11 +22,7 @@ SLURM = ROOT / "scripts" / "slurm"
 SCRIPTS = sorted(SLURM.glob("*.sbatch"))
 DOCKERFILE = ROOT / "docker" / "Dockerfile"
 
-# The torch that the Dockerfile's vLLM pins exactly. Source: the `Requires-Dist: torch==...` line of
-# vllm-0.33.0-cp38-abi3-manylinux_2_28_x86_64.whl's METADATA (`pip download vllm==0.33.0 --no-deps`,
-# then `unzip -p vllm-*.whl '*/METADATA' | grep 'Requires-Dist: torch'`).
-VLLM_VERSION = "0.33.0"
-VLLM_TORCH_REQUIREMENT = "torch==2.14.0"
+DATA = Path(__file__).resolve().parent / "data"
 
 JOB_ID = 4242
 FAKE_HOSTS = ["gpu-a17", "gpu-b03", "gpu-c44"]
@@ -247,16 +244,34 @@ def _pins(text: str, name: str) -> set[str]:
     return set(re.findall(rf"(?<![\w.-]){re.escape(name)}==([0-9][0-9A-Za-z.+]*)", text))
 
 
+def vllm_requirements(version: str) -> list[Requirement]:
+    """What vLLM `version` requires (no extras): from the installed distribution when it is that
+    version (the GPU image), else from its wheel's METADATA as recorded in tests/data."""
+    try:
+        lines = importlib.metadata.requires("vllm") if importlib.metadata.version("vllm") == version else None
+    except importlib.metadata.PackageNotFoundError:
+        lines = None
+    if lines is None:
+        record = DATA / f"vllm-{version}.requires.txt"
+        assert record.is_file(), (
+            f"no record of vllm {version}'s requirements: make {record} as its header says"
+        )
+        lines = [x for x in record.read_text().splitlines() if x.strip() and not x.startswith("#")]
+    reqs = [Requirement(x) for x in lines]
+    return [r for r in reqs if r.marker is None or r.marker.evaluate({"extra": ""})]
+
+
 def test_dockerfile_pins():
     text = DOCKERFILE.read_text()
     torch, deepspeed, vllm = (_pins(text, n) for n in ("torch", "deepspeed", "vllm"))
     assert len(torch) == len(deepspeed) == len(vllm) == 1, (torch, deepspeed, vllm)
     torch_v, ds_v, vllm_v = Version(torch.pop()), deepspeed.pop(), vllm.pop()
 
-    # vLLM pins one exact torch: the Dockerfile must use that one.
-    assert vllm_v == VLLM_VERSION
-    assert Requirement(VLLM_TORCH_REQUIREMENT).specifier.contains(torch_v, prereleases=True)
-    assert str(torch_v) == VLLM_TORCH_REQUIREMENT.split("==")[1]
+    # vLLM pins one exact torch: the Dockerfile's must be the one the pinned vLLM itself requires.
+    wanted = [r for r in vllm_requirements(vllm_v) if r.name == "torch"]
+    assert wanted, f"vllm {vllm_v} names no torch requirement"
+    for req in wanted:
+        assert req.specifier.contains(torch_v, prereleases=True), (f"vllm {vllm_v} needs {req}", torch_v)
 
     # ... and it must satisfy pyproject's range.
     pyproject = (ROOT / "pyproject.toml").read_text()

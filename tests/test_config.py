@@ -1,64 +1,106 @@
 """Config errors are caught before any model loads and name the key; recipes compose."""
 
+import dataclasses
+import inspect
 import json
 from pathlib import Path
 
 import pytest
-from conftest import TINY, run_cli
-from hydra import compose, initialize_config_dir
+from conftest import TINY, cfg_of, run_cli
 from hydra.errors import ConfigCompositionException
+from hydra.utils import get_class
 from omegaconf.errors import ValidationError
 
 from selfimprove.cli import CONFIG_DIR
-from selfimprove.config import ConfigError, register, validate_targets
+from selfimprove.compose import describe
+from selfimprove.config import (
+    ConfigError,
+    EvalConfig,
+    TrainerConfig,
+    VLLMConfig,
+    register,
+    schedule,
+    validate_targets,
+)
 from selfimprove.resume import resume_diff
 
 register()
 
 
-def cfg_of(*overrides):
-    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
-        return compose("config", overrides=list(overrides))
-
-
 @pytest.mark.parametrize("recipe", sorted(p.stem for p in (Path(CONFIG_DIR) / "recipe").glob("*.yaml")))
 def test_recipes_compose_and_validate(recipe):
-    cfg = cfg_of(f"recipe={recipe}", "model=tiny")
+    cfg = cfg_of(recipe=recipe)
     validate_targets(cfg)
     assert cfg.model.kind == "tiny"
 
 
 def test_default_recipe_is_quickstart_on_the_embedded_model():
-    cfg = cfg_of()
+    cfg = cfg_of(recipe=None, model=None)
     assert cfg.recipe == "quickstart" and cfg.model.kind == "embedded"
 
 
-def test_typo_in_typed_group_names_the_key():
-    with pytest.raises(ConfigCompositionException) as e:
-        cfg_of("trainer.lrr=0.1")
-    assert "lrr" in str(e.value.__cause__ or e.value)
-
-
-def test_wrong_type_names_the_key():
+def composition_error(*overrides: str) -> str:
+    """The line `selfimprove train` prints for a mistake Hydra finds while composing."""
     with pytest.raises((ConfigCompositionException, ValidationError)) as e:
-        cfg_of("loop.rounds=many")
-    assert "loop.rounds" in str(e.value.__cause__ or e.value) or "rounds" in str(e.value)
+        cfg_of(*overrides)
+    return describe(e.value)
 
 
-def test_typo_in_target_group_names_the_key():
-    cfg = cfg_of("recipe=sharpen_sft", "+selector.scor=x")
-    with pytest.raises(ConfigError, match=r"selector\.scor: not a parameter"):
-        validate_targets(cfg)
+@pytest.mark.parametrize(
+    ("override", "schema"),
+    [
+        ("trainer.lrr=0.1", TrainerConfig),
+        ("sampler.vllm.gpu_mem=0.5", VLLMConfig),  # nested: the inner node's path and keys, not sampler's
+        ("eval.kk=2", EvalConfig),
+    ],
+)
+def test_typo_in_typed_group_names_the_path_and_the_keys_there(override, schema):
+    key = override.split("=")[0]
+    keys = ", ".join(f.name for f in dataclasses.fields(schema))
+    assert composition_error(override) == f"{key}: no such key in {key.rpartition('.')[0]} (keys: {keys})"
+
+
+@pytest.mark.parametrize("override", ["loop.rounds=many", "sampler.vllm.sleep=often"])
+def test_wrong_type_names_the_full_key_and_the_value(override):
+    key, value = override.split("=")
+    line = composition_error(override)
+    assert line.startswith(f"{key}: ") and f"'{value}'" in line, line
+
+
+@pytest.mark.parametrize(
+    ("override", "path", "target"),
+    [
+        ("+selector.scor=x", "selector.scor", "selfimprove.select.BestOfN"),
+        (
+            "+verifiers.loglik_base.normalise=1",
+            "verifiers.loglik_base.normalise",
+            "selfimprove.verify.SequenceLogLik",
+        ),
+    ],
+)
+def test_typo_in_target_group_names_the_path_and_the_parameters(override, path, target):
+    accepted = [p for p in inspect.signature(get_class(target).__init__).parameters if p != "self"]
+    with pytest.raises(ConfigError) as e:
+        validate_targets(cfg_of(override))
+    assert str(e.value) == f"{path}: not a parameter of {target} (accepted: {accepted})"
+
+
+def test_typo_in_a_schedule_entry_names_the_entry_and_the_keys_there():
+    with pytest.raises(ConfigError) as e:
+        schedule(cfg_of("+schedule.0.selector.alpah=3", recipe="score"))
+    assert str(e.value) == (
+        "schedule[0].selector.alpah: no such key in selector (keys: stage, reward, alpha, estimator, drop_zero)"
+    )
 
 
 def test_wrong_type_in_target_group():
-    cfg = cfg_of("recipe=sharpen_sft", "selector.per_prompt=lots")
+    cfg = cfg_of("selector.per_prompt=lots")
     with pytest.raises(ConfigError, match=r"selector\.per_prompt"):
         validate_targets(cfg)
 
 
 def test_selector_score_must_come_from_a_verifier():
-    cfg = cfg_of("recipe=sharpen_sft", "selector.score=p_true")
+    cfg = cfg_of("selector.score=p_true")
     with pytest.raises(
         ConfigError, match=r"selector 'best_of_n' reads \['score/p_true'\], which no verifier"
     ):
@@ -66,13 +108,13 @@ def test_selector_score_must_come_from_a_verifier():
 
 
 def test_an_objective_reading_an_unwritten_column_fails_at_config_time():
-    cfg = cfg_of("recipe=grpo_oracle", "objective.beta=0.1")  # a KL to the base, nothing computes it
+    cfg = cfg_of("objective.beta=0.1", recipe="grpo_oracle")  # a KL to the base, nothing computes it
     with pytest.raises(ConfigError, match=r"objective 'pg' reads \['ref_logprobs'\]"):
         validate_targets(cfg)
     validate_targets(
-        cfg_of("recipe=grpo_oracle", "objective.beta=0.1", "+verifier@verifiers.ref=reference_base")
+        cfg_of("objective.beta=0.1", "+verifier@verifiers.ref=reference_base", recipe="grpo_oracle")
     )
-    validate_targets(cfg_of("recipe=sharpen_rl"))  # its base-likelihood reward writes them
+    validate_targets(cfg_of(recipe="sharpen_rl"))  # its base-likelihood reward writes them
     from selfimprove.objectives import PolicyGradient
     from selfimprove.select import BestOfN
     from selfimprove.stages import check_columns
@@ -104,10 +146,10 @@ def test_a_stage_reading_an_unwritten_score_fails_naming_both_before_any_model_l
 
 
 def test_resume_diff_ignores_safe_changes():
-    a = cfg_of("model=tiny")
-    b = cfg_of("model=tiny", "loop.rounds=20", "logger=tensorboard", "eval.n_problems=50")
+    a = cfg_of(recipe=None)  # the default recipe, an RL one
+    b = cfg_of("loop.rounds=20", "logger=tensorboard", "eval.n_problems=50", recipe=None)
     assert resume_diff(a, b) == []
-    c = cfg_of("model=tiny", "sampler.temperature=0.7")  # the default RL objective trains at it too
+    c = cfg_of("sampler.temperature=0.7", recipe=None)  # the default RL objective trains at it too
     assert resume_diff(a, c) == ["  objective.temperature: 1.0 -> 0.7", "  sampler.temperature: 1.0 -> 0.7"]
 
 

@@ -1,5 +1,6 @@
-"""On a CUDA GPU: what the sampler records matches a forward pass on the device, and the CLI trains
-the tiny recipe in fp32 and bf16. Every test here is skipped on a machine without one."""
+"""On a CUDA GPU: what the sampler records matches a forward pass on the device, the compiled static
+path samples what the eager path does, and the CLI trains the tiny recipe in fp32 and bf16. Every test
+here is skipped on a machine without one."""
 
 import json
 import math
@@ -41,6 +42,44 @@ def test_greedy_on_cuda_is_the_argmax(tiny_cuda):
         chosen = logits.gather(1, torch.tensor(row["completion_ids"])[:, None])[:, 0]
         # the argmax at each step, up to GPU rounding between the cached and the one-pass logits
         assert (chosen >= logits.max(-1).values - 1e-4).all(), (chosen, logits.max(-1))
+
+
+STATS = ("logprobs", "self_certainty", "entropy")
+
+
+def assert_compiled_matches_eager(model, tok, max_new_tokens: int = 64) -> None:
+    """sampler.compile=true (transformers' static cache, its decoding step under torch.compile) against
+    our eager loop: the same greedy tokens and recorded statistics over `max_new_tokens`, and sampled
+    log-probs equal to a plain forward pass at the temperature. On any device (the CPU checks the
+    helper; the GPU, where `auto` takes this path at ≥ 64 tokens, is what it is for)."""
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    compiled = HFSampler(tok, compile="true", batch_size=8)
+    eager = HFSampler(tok, compile="false")
+    prompts = mixed_length_prompts(eager)
+    want = eager.generate(model, prompts, max_new_tokens=max_new_tokens, greedy=True)
+    got = compiled.generate(model, prompts, max_new_tokens=max_new_tokens, greedy=True)
+    assert counters["stats"]["unique_graphs"] > 0 and compiled.caches.shapes  # it did compile
+    assert [len(r["completion_ids"]) for r in want] == [max_new_tokens] * len(prompts)  # no early EOS
+    for a, b in zip(got, want):
+        assert a["completion_ids"] == b["completion_ids"]
+        for key in STATS:  # compiled kernels sum in another order: agree to rounding
+            torch.testing.assert_close(torch.tensor(a[key]), torch.tensor(b[key]), atol=1e-3, rtol=1e-4)
+    rows = compiled.generate(model, prompts, max_new_tokens=max_new_tokens, temperature=0.7, seed=1)
+    for p, row in zip(prompts, rows):
+        logp = torch.log_softmax(completion_logits(model, p, row["completion_ids"]) / 0.7, dim=-1)
+        want_lp = logp.gather(1, torch.tensor(row["completion_ids"])[:, None])[:, 0]
+        torch.testing.assert_close(torch.tensor(row["logprobs"]), want_lp, atol=1e-3, rtol=1e-4)
+    torch._dynamo.reset()
+
+
+def test_compiled_static_path_matches_eager_on_cuda(tiny_cuda):
+    _, tok = tiny_cuda
+    model = models.load_model(OmegaConf.structured(ModelConfig(kind="tiny"))).to("cuda")
+    with torch.no_grad():
+        model.model.norm.weight.mul_(5.0)  # peaked logits: no near-tie for rounding to flip
+    assert_compiled_matches_eager(model, tok, max_new_tokens=64)
 
 
 def test_bf16_sampling_under_autocast_on_cuda(tiny_cuda):

@@ -1,5 +1,5 @@
-"""Curated retraining (METHODS §4) through the selector itself: the one-round value by Monte Carlo,
-the temperature, Plackett–Luce without replacement, real-data mixing (arithmetic and JSONL
+"""Curated retraining (Ferbach et al. 2407.09499) through the selector itself: the one-round value by
+Monte Carlo, the temperature, Plackett–Luce without replacement, real-data mixing (arithmetic and JSONL
 references), and the config error for a task with no references, in-process and from the CLI."""
 
 import json
@@ -7,8 +7,7 @@ import random
 from collections import Counter
 
 import pytest
-from conftest import TINY, run_cli
-from test_engine import cfg_of
+from conftest import TINY, cfg_of, reset_accelerate, run_cli
 
 from selfimprove.engine import Engine
 from selfimprove.select import Curation, curation_probs
@@ -80,9 +79,7 @@ def test_bad_arguments(kwargs, message):
 
 @pytest.fixture(scope="module")
 def engine():
-    from accelerate.state import AcceleratorState
-
-    AcceleratorState._reset_state(reset_partial_state=True)  # another module's engine may set bf16
+    reset_accelerate()
     return Engine(cfg_of(), train=False)
 
 

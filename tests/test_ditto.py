@@ -1,4 +1,4 @@
-"""DITTO (METHODS.md §6): the hand value, the stop-gradient, the pseudo-repetitive sequences, the
+"""DITTO (Xu et al. 2206.02369): the hand value, the stop-gradient, the pseudo-repetitive sequences, the
 per-step MLE/DITTO coin, and that training on the penalty lowers the repeat probabilities."""
 
 import math
@@ -8,9 +8,11 @@ from types import SimpleNamespace
 import pytest
 import torch
 
+from selfimprove.logprobs import per_row_logprobs
+from selfimprove.objectives import SFT
 from selfimprove.objectives.ditto import Ditto, DittoSequences, pseudo_repetitive, sentence_ends
 from selfimprove.stages import Context
-from selfimprove.train import collate
+from selfimprove.train import collate, columns_of, micro_batch_loss
 
 DOT = 0  # the fake vocabulary: 0 is ".", 1 is "!", every other id a word
 
@@ -39,10 +41,22 @@ class FixedRng:
         return self.value
 
 
-def padded_logits(rows: list[torch.Tensor], width: int, fill: float = 30.0) -> torch.Tensor:
-    """Each row's own logits [len, V] left-padded to `width` with large garbage, which must never be read."""
-    vocab = rows[0].shape[1]
-    return torch.stack([torch.cat([torch.full((width - len(r), vocab), fill), r]) for r in rows])
+def ditto_loss(objective, logits_by_row: list[torch.Tensor], rows: list[dict]):
+    """The objective on log-probs taken by hand from each row's own logits [len, V] (logits[s]
+    predicts token s + 1, scope "sequence"), in the batch the update builds."""
+    width = max(len(r["prompt_ids"]) + len(r["completion_ids"]) - 1 for r in rows)
+    logps = torch.zeros(len(rows), width)
+    tokens = torch.zeros(len(rows), width, dtype=torch.long)
+    scored = torch.zeros(len(rows), width, dtype=torch.bool)
+    for i, (logits, r) in enumerate(zip(logits_by_row, rows)):
+        ids = torch.tensor(r["prompt_ids"] + r["completion_ids"])
+        n = len(ids) - 1
+        row_logps = torch.log_softmax(logits[:n], -1).gather(1, ids[1:, None])[:, 0]
+        logps = logps.index_put((torch.full((n,), i), torch.arange(n)), row_logps)
+        tokens[i, :n], scored[i, :n] = ids[1:], True
+    batch = collate(rows, columns_of(objective), objective.scope)
+    batch.update(tokens=tokens, scored=scored)
+    return objective(logps, batch, objective.normalizer(rows))
 
 
 def test_hand_value_ln2_and_padding_independence():
@@ -50,25 +64,24 @@ def test_hand_value_ln2_and_padding_independence():
     # (p_prev = 0.8, from logits[0]): −log(1 − |0.9 − 0.5·0.8|) = ln 2
     row = {"prompt_ids": [1, 0], "completion_ids": [0], "rep_len": 1}
     logits = torch.log(torch.tensor([[0.8, 0.2], [0.9, 0.1], [0.5, 0.5]]))
-    loss, norm, metrics = Ditto(lam=0.5)(logits[None], collate([row], pad=1))
-    assert norm == 1.0 and loss.item() == pytest.approx(math.log(2), abs=1e-6)
+    loss, metrics = ditto_loss(Ditto(lam=0.5), [logits], [row])
+    assert loss.item() == pytest.approx(math.log(2), abs=1e-6)  # normaliser: 1 penalised token
     assert metrics["ditto/p_repeat"][0].item() == pytest.approx(0.9)
     assert metrics["ditto/p_prev"][0].item() == pytest.approx(0.8)
-    # in a left-padded batch with a longer row the short row adds the same ln 2
+    # in a batch with a longer row the short row adds the same ln 2 (normaliser 3 tokens)
     other = {"prompt_ids": [1, 1, 0, 1], "completion_ids": [0, 1], "rep_len": 2}
     other_logits = torch.randn(6, 2)
-    alone = Ditto()(other_logits[None], collate([other], pad=1))[0]
-    both, norm, _ = Ditto()(padded_logits([logits, other_logits], 6), collate([row, other], pad=1))
-    assert norm == 3.0 and both.item() == pytest.approx(alone.item() + math.log(2), abs=1e-5)
+    alone = ditto_loss(Ditto(), [other_logits], [other])[0] * 2
+    both = ditto_loss(Ditto(), [logits, other_logits], [row, other])[0] * 3
+    assert both.item() == pytest.approx(alone.item() + math.log(2), abs=1e-5)
 
 
 def test_gradient_reaches_p_t_only():
     # "1 | 0 1 | 0 1 | 0 1": prompt = prefix + first copy, rep_len 2; logits[s] predicts token s + 1
     row = {"prompt_ids": [1, 0, 1], "completion_ids": [0, 1, 0, 1], "rep_len": 2}
-    batch = collate([row], pad=1)
     torch.manual_seed(0)
     leaves = [torch.randn(2, requires_grad=True) for _ in range(7)]
-    Ditto(lam=0.5)(torch.stack(leaves)[None], batch)[0].backward()
+    (ditto_loss(Ditto(lam=0.5), [torch.stack(leaves)], [row])[0] * 4).backward()
     # positions 0, 1 only give p_prev (copy 1's tokens): the stop-gradient leaves them untouched
     assert leaves[0].grad.abs().max() == 0 and leaves[1].grad.abs().max() == 0
     assert all(leaf.grad.abs().max() > 0 for leaf in leaves[2:6])
@@ -192,11 +205,10 @@ def test_step_examples_coin():
 
 def per_copy_probs(model, rows: list[dict], prefix_len: int, rep_len: int) -> list[float]:
     """Mean probability of the repeated tokens in each copy (copy 1 is in the prompt)."""
-    batch = collate(rows, pad=0)
+    pairs = [(r["prompt_ids"], r["completion_ids"]) for r in rows]
     with torch.no_grad():
-        logp = torch.log_softmax(model(input_ids=batch["input_ids"]).logits[:, :-1], -1)
-    p = logp.gather(2, batch["input_ids"][:, 1:, None])[..., 0].exp()  # p[:, t - 1] of token t
-    n = batch["input_ids"].shape[1]
+        p = per_row_logprobs(model, pairs, 0, 1.0, scope="sequence").logps.exp()  # p[:, t - 1] of token t
+    n = p.shape[1] + 1
     copies = (n - prefix_len) // rep_len
     return [
         p[:, prefix_len - 1 + c * rep_len : prefix_len - 1 + (c + 1) * rep_len].mean().item()
@@ -235,9 +247,9 @@ def copying_model():
     ditto_rows = [r for r in rows if r["source"] == "ditto"]
     opt = torch.optim.Adam(model.parameters(), lr=1e-2)
     for _ in range(40):
-        batch = collate(ditto_rows, pad=0)
-        logits = model(input_ids=batch["input_ids"]).logits
-        loss = torch.nn.functional.cross_entropy(logits[:, :-1].transpose(1, 2), batch["labels"][:, 1:])
+        loss, _ = micro_batch_loss(
+            model, ditto_rows, SFT(), SFT().normalizer(ditto_rows), pad=0, share="false"
+        )
         opt.zero_grad()
         loss.backward()
         opt.step()
@@ -247,11 +259,10 @@ def copying_model():
 def train(model, rows: list[dict], objective: Ditto, steps: int, lr: float) -> None:
     opt = torch.optim.Adam(model.parameters(), lr=lr)
     for step in range(steps):
-        batch = collate(objective.step_examples(rows, step), pad=0)
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-        loss, norm, _ = objective(logits, batch)
+        chosen = objective.step_examples(rows, step)
+        loss, _ = micro_batch_loss(model, chosen, objective, objective.normalizer(chosen), pad=0)
         opt.zero_grad()
-        (loss / norm).backward()
+        loss.backward()
         opt.step()
 
 
@@ -268,7 +279,7 @@ def test_the_penalty_alone_lowers_repeat_probabilities(copying_model):
 
 def test_with_mle_steps_repeats_decay_like_lambda_n(copying_model):
     """With the MLE half holding up the first copy, each copy's probability settles near λ times the
-    one before (METHODS.md §6). Loose: a 2-layer model on 8 texts, a few hundred steps."""
+    one before, the λ^n decay the paper's loss aims at. Loose: a 2-layer model on 8 texts, 150 steps."""
     model, rows = copying_model
     train(model, rows, Ditto(lam=0.5, mle_probability=0.5), steps=150, lr=3e-3)
     after = per_copy_probs(model, rows[1::2], 5, 6)

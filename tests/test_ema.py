@@ -9,7 +9,8 @@ from selfimprove.models import add_lora, load_model
 
 
 def test_beta_schedule_hand_values():
-    # METHODS.md §7: t counts optimizer steps from 1; power 0.5, warm-up 10.
+    # β_t = max((1 + max(0, t − 10))^−0.5, 1e-4), the schedule of Block et al.'s code (abblock/bema):
+    # t counts optimizer steps from 1; e.g. t = 14 gives 5^−0.5 = 0.4472.
     assert [ema_beta(t) for t in (11, 14, 110, 10010)] == pytest.approx(
         [0.7071, 0.4472, 0.0995, 0.01], abs=1e-4
     )

@@ -3,29 +3,14 @@ the optimizer the config names, gradient checkpointing, attention implementation
 
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
+from conftest import cfg_of
 
-from selfimprove import models
-from selfimprove.cli import CONFIG_DIR
+from selfimprove import models, train
 from selfimprove.config import ConfigError, check_trainable, register, validate_targets
 from selfimprove.engine import Engine
-from selfimprove.train import update
 
 register()
-
-
-@pytest.fixture(autouse=True)
-def fresh_accelerator_state():
-    """accelerate keeps one state per process; each test builds an engine with its own precision."""
-    from accelerate.state import AcceleratorState
-
-    AcceleratorState._reset_state(reset_partial_state=True)
-    yield
-
-
-def cfg_of(*overrides):
-    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
-        return compose("config", overrides=["recipe=sharpen_sft", "model=tiny", *overrides])
+pytestmark = pytest.mark.usefixtures("fresh_accelerator_state")
 
 
 def examples(engine, n=4):
@@ -35,20 +20,14 @@ def examples(engine, n=4):
     ]
 
 
-def one_step(engine, cfg):
+def one_step(engine, cfg) -> tuple[dict, dict]:
+    """One SFT optimizer step on four rows, then the sampler takes the weights: (metrics, its probe)."""
     from selfimprove.objectives import SFT
 
-    metrics = []
-    update(
-        engine,
-        SFT(),
-        examples(engine),
-        cfg=cfg.trainer,
-        seed_of_step=lambda *parts: 0,
-        start_step=0,
-        after_step=lambda step, m: metrics.append(m) or True,
-    )
-    return metrics[0]
+    steps = train.steps(engine, SFT(), examples(engine), cfg=cfg.trainer, seed_of_step=lambda *parts: 0)
+    _, metrics = next(steps)
+    steps.close()
+    return metrics, engine.after_update()
 
 
 def test_full_finetune_reference_is_frozen_on_the_policy_device():
@@ -87,7 +66,7 @@ def test_bf16_trains_fp32_master_weights(trainer):
     frozen = [p for p in engine.policy.parameters() if not p.requires_grad]
     assert all(p.dtype == torch.bfloat16 for p in frozen)  # the LoRA base stays in bf16
     before = {n: p.detach().clone() for n, p in trainable.items()}
-    metrics = one_step(engine, cfg)
+    metrics, _ = one_step(engine, cfg)
     assert torch.isfinite(torch.tensor(metrics["train/loss"]))
     moved = [n for n, p in trainable.items() if not torch.equal(p, before[n])]
     assert len(moved) >= len(trainable) // 2
@@ -121,7 +100,7 @@ def test_gradient_checkpointing_and_attention_implementation():
     base = engine.policy.get_base_model()
     assert getattr(base, "is_activation_checkpointing", None) or base.is_gradient_checkpointing
     assert engine.policy.config._attn_implementation == "eager"
-    assert torch.isfinite(torch.tensor(one_step(engine, cfg)["train/loss"]))
+    assert torch.isfinite(torch.tensor(one_step(engine, cfg)[0]["train/loss"]))
 
 
 def test_missing_model_path_is_a_config_error(tmp_path):

@@ -19,6 +19,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
 from selfimprove.compose import compose_config, load_config
 from selfimprove.config import register
+from selfimprove.ema import engine_weights
 from selfimprove.engine import Engine
 from selfimprove.export import main
 
@@ -26,13 +27,7 @@ register()
 MAX_NEW = 8
 
 
-@pytest.fixture(autouse=True)
-def fresh_accelerator_state():
-    """accelerate keeps one state per process; each engine here builds its own."""
-    from accelerate.state import AcceleratorState
-
-    AcceleratorState._reset_state(reset_partial_state=True)
-    yield
+pytestmark = pytest.mark.usefixtures("fresh_accelerator_state")  # each test's engines start afresh
 
 
 def fake_run(run_dir: Path, *overrides: str, checkpoint: bool = True) -> Path:
@@ -75,8 +70,9 @@ def our_greedy(run_dir: Path, weights: str) -> list[list[int]]:
     engine = Engine(load_config(run_dir, []), train=False)
     engine.restore(run_dir)
     prompts = [engine.sampler.encode(p) for p in problems_of(run_dir)]
-    with engine.weights(weights):
-        rows = engine.generate(prompts, max_new_tokens=MAX_NEW, greedy=True, record=False)
+    rows = engine.generate(
+        prompts, weights=engine_weights(weights), max_new_tokens=MAX_NEW, greedy=True, record=False
+    )
     return [r["completion_ids"] for r in rows]
 
 

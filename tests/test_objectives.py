@@ -1,17 +1,18 @@
-"""Contract 3: the policy-gradient objective's hand values, its gradient, the normalisations, mixing,
-and collate's token-aligned columns."""
+"""Contract 3: the objectives on completion log-probs — hand values, gradients, the normalisations,
+mixing, and collate's columns."""
 
 import math
 
 import pytest
 import torch
 
-from selfimprove.objectives import SFT, Mix, PolicyGradient, clipped_surrogate, group_advantages, k3
+from selfimprove.objectives import SFT, Mix, PolicyGradient, clipped_surrogate, k3
 from selfimprove.select import GroupAdvantage, agreement
+from selfimprove.select.advantage import group_advantages
 from selfimprove.train import collate
 
 
-def test_group_advantages_hand_values():  # METHODS.md §13
+def test_group_advantages_hand_values():  # by hand: mean .5, unbiased std .5774 (as trl); RLOO 1 − 1/3
     rewards = [1, 0, 0, 1]
     assert group_advantages(rewards, "grpo") == pytest.approx([0.8660, -0.8660, -0.8660, 0.8660], abs=2e-4)
     assert group_advantages(rewards, "rloo") == pytest.approx([0.6667, -0.6667, -0.6667, 0.6667], abs=1e-4)
@@ -38,121 +39,127 @@ def test_clip_stops_the_gradient_past_the_trust_region():
     assert clipped.tolist() == [False, False]
 
 
-def _batch(advantages=(1.0, -0.5), lengths=(3, 2), vocab=7, seed=0):
-    """Two sequences of a 2-token prompt and `lengths` completion tokens, as collate builds them."""
+def _batch(advantages=(1.0, -0.5), lengths=(3, 2), seed=0, columns=("advantage", "logprobs")):
+    """Two rows of a 2-token prompt and `lengths` completion tokens; their completion log-probs as a
+    leaf [2, 3] (what the update's forward hands an objective) and the batch collate builds."""
     g = torch.Generator().manual_seed(seed)
     rows = [
-        {
-            "prompt_ids": [1, 2],
-            "completion_ids": torch.randint(0, vocab, (n,), generator=g).tolist(),
-            "advantage": a,
-            "logprobs": [-1.0] * n,
-        }
+        {"prompt_ids": [1, 2], "completion_ids": [5] * n, "advantage": a, "logprobs": [-1.0] * n}
         for a, n in zip(advantages, lengths)
     ]
-    batch = collate(rows, pad=0)
-    logits = torch.randn(2, batch["input_ids"].shape[1], vocab, generator=g, dtype=torch.float64)
-    return rows, batch, logits.requires_grad_(True)
+    batch = collate(rows, columns)
+    logps = (-torch.rand(2, max(lengths), generator=g, dtype=torch.float64)).requires_grad_(True)
+    return rows, batch, logps
 
 
 @pytest.mark.parametrize("normalize", ["sequence", "token", "constant"])
 def test_policy_gradient_matches_the_hand_derived_gradient(normalize):
-    # One step on fresh samples (π_old = π): the loss is −Σ A·log π(y_t) / normaliser, whose gradient
-    # with respect to the logits predicting y_t is −A·(onehot(y_t) − softmax) / (normaliser·[len]).
-    rows, batch, logits = _batch()
-    batch.pop("old_logprobs")  # on-policy: the ratio is 1 at the current weights
+    # One step on fresh samples (π_old = π): the loss is −Σ A·log π(y_t) / normaliser, so each token's
+    # log-prob gets −A / normaliser, divided by its row's length for "sequence". Rows: A = 1 over 3
+    # tokens, A = −0.5 over 2; normalisers 2 sequences, 5 tokens, 2 × 6.
+    rows, batch, logps = _batch(columns=("advantage",))
     objective = PolicyGradient(normalize=normalize, constant_length=6)
-    loss_sum, normalizer, metrics = objective(logits, batch)
-    (loss_sum / normalizer).backward()
-    want = torch.zeros_like(logits)
-    width = logits.shape[1]
-    total = {"sequence": 2, "token": 5, "constant": 2 * 6}[normalize]
-    for i, row in enumerate(rows):
-        n = len(row["completion_ids"])
-        for k, token in enumerate(row["completion_ids"]):
-            t = width - n + k - 1  # the position whose logits predict this token
-            p = torch.softmax(logits[i, t].detach(), -1)
-            onehot = torch.nn.functional.one_hot(torch.tensor(token), p.numel())
-            scale = total * (n if normalize == "sequence" else 1)
-            want[i, t] = -row["advantage"] * (onehot - p) / scale
-    torch.testing.assert_close(logits.grad, want)
-    assert metrics["pg/ratio"][0] / metrics["pg/ratio"][1] == pytest.approx(1.0)
+    loss, metrics = objective(logps, batch, objective.normalizer(rows))
+    loss.backward()
+    want = {
+        "sequence": [[-1 / 6, -1 / 6, -1 / 6], [0.5 / 4, 0.5 / 4, 0]],
+        "token": [[-1 / 5] * 3, [0.5 / 5, 0.5 / 5, 0]],
+        "constant": [[-1 / 12] * 3, [0.5 / 12, 0.5 / 12, 0]],
+    }[normalize]
+    torch.testing.assert_close(logps.grad, torch.tensor(want, dtype=torch.float64))
+    total, count = metrics["pg/ratio"]
+    assert count == 5 and total == pytest.approx(5.0)  # on-policy: ρ = 1 on each of the 5 tokens
+
+
+def test_policy_gradient_ratio_uses_the_recorded_logprobs():
+    rows, batch, logps = _batch()  # recorded log-probs −1 everywhere
+    loss, metrics = PolicyGradient(clip_eps=10.0)(logps, batch, 2.0)
+    ratio = torch.exp(logps.detach() + 1.0)
+    mask = batch["completion"]
+    assert metrics["pg/ratio"][0].item() == pytest.approx(ratio[mask].sum().item())
+    # −Σ_rows A_r/len_r Σ_t ρ_t / 2 sequences, unclipped (ε = 10)
+    want = -(1.0 * ratio[0, :3].sum() / 3 - 0.5 * ratio[1, :2].sum() / 2) / 2
+    assert loss.item() == pytest.approx(want.item())
 
 
 def test_policy_gradient_matches_finite_differences_with_clip_and_kl():
-    rows, batch, logits = _batch(seed=3)
-    batch["ref_logprobs"] = batch["old_logprobs"] - 0.3 * (batch["labels"] != -100)
+    rows, batch, logps = _batch(seed=3)
+    batch["ref_logprobs"] = batch["logprobs"] - 0.3 * batch["completion"]
     objective = PolicyGradient(beta=0.1, clip_eps=0.2)
 
     def loss(x):
-        loss_sum, normalizer, _ = objective(x, batch)
-        return loss_sum / normalizer
+        return objective(x, batch, 2.0)[0]
 
-    loss(logits).backward()
-    direction = torch.randn(logits.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    loss(logps).backward()
+    direction = torch.randn(logps.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
     h = 1e-6
-    numeric = (loss(logits.detach() + h * direction) - loss(logits.detach() - h * direction)) / (2 * h)
-    assert (logits.grad * direction).sum().item() == pytest.approx(numeric.item(), rel=1e-5, abs=1e-9)
+    numeric = (loss(logps.detach() + h * direction) - loss(logps.detach() - h * direction)) / (2 * h)
+    assert (logps.grad * direction).sum().item() == pytest.approx(numeric.item(), rel=1e-5, abs=1e-9)
+    assert logps.grad[1, 2] == 0  # past the second row's completion
 
 
 def test_kl_needs_its_column_and_objectives_declare_what_they_read():
-    _, batch, logits = _batch()
+    _, batch, logps = _batch()
     with pytest.raises(KeyError, match="reference_base"):
-        PolicyGradient(beta=0.1)(logits, batch)
+        PolicyGradient(beta=0.1)(logps, batch, 2.0)
     assert PolicyGradient(beta=0.1, kl_to="ema").reads == ("advantage", "ema_logprobs")
     assert PolicyGradient().reads == ("advantage",)
 
 
 def test_micro_batches_and_the_step_normalizer_give_the_whole_batch_loss():
-    rows, batch, logits = _batch(lengths=(3, 1))
+    rows, batch, logps = _batch(lengths=(3, 1))
     for objective in (PolicyGradient(normalize="sequence"), SFT(), SFT(normalize="sequence")):
-        whole, norm, _ = objective(logits, batch)
-        parts = [collate([r], pad=0) for r in rows]
-        total = objective.normalizer(parts)
-        assert norm == total
+        norm = objective.normalizer(rows)
+        whole, _ = objective(logps, batch, norm)
+        parts = [collate([r], ("advantage", "logprobs")) for r in rows]
         split = sum(
-            objective(logits[i : i + 1, -p["input_ids"].shape[1] :], p)[0] for i, p in enumerate(parts)
+            objective(logps[i : i + 1, : p["completion"].shape[1]], p, norm)[0] for i, p in enumerate(parts)
         )
-        assert (split / total).item() == pytest.approx((whole / norm).item())
+        assert split.item() == pytest.approx(whole.item())
 
 
 def test_mix_weights_each_part_by_its_own_normalizer():
-    _, batch, logits = _batch()
+    rows, batch, logps = _batch(columns=("advantage",))  # no recorded log-probs: on-policy
     pg, sft = PolicyGradient(normalize="sequence"), SFT()
     mix = Mix({"pg": pg, "sft": sft}, {"pg": 1.0, "sft": 0.5})
-    assert mix.normalizer([batch]) == 1.0
-    loss, _, metrics = mix(logits, batch)
-    want = pg(logits, batch)[0] / 2 + 0.5 * sft(logits, batch)[0] / 5
-    assert loss.item() == pytest.approx(want.item())
+    assert mix.normalizer(rows) == {"pg": 2.0, "sft": 5.0}
+    loss, metrics = mix(logps, batch, mix.normalizer(rows))
+    mask = batch["completion"]
+    # pg on-policy (ρ = 1): −Σ_r A_r / 2 sequences = −(1 − 0.5) / 2; sft: −Σ log π / 5 tokens
+    pg_want = -0.25
+    sft_want = -logps[mask].sum() / 5
+    assert loss.item() == pytest.approx(pg_want + 0.5 * sft_want.item())
     assert "sft/nll" in metrics and "pg/ratio" in metrics
     with pytest.raises(ValueError, match="weights"):
         Mix({"pg": pg}, {"sft": 1.0})
+    with pytest.raises(ValueError, match="temperature"):
+        Mix({"pg": pg, "sft": SFT(temperature=2.0)}, {"pg": 1.0, "sft": 1.0})
 
 
-def test_sft_temperature_trains_a_flatter_softmax():
-    _, batch, logits = _batch()
-    cold, _, _ = SFT(temperature=1.0)(logits, batch)
-    hot, _, m = SFT(temperature=2.0)(logits, batch)
-    labels = batch["labels"][:, 1:]
-    mask = labels != -100
-    want = -torch.log_softmax(logits[:, :-1][mask] / 2, -1).gather(1, labels[mask][:, None]).sum()
-    assert hot.item() == pytest.approx(want.item()) and hot.item() != pytest.approx(cold.item())
+def test_sft_is_the_token_mean_nll_and_weights_scale_rows():
+    rows, batch, logps = _batch()
+    loss, m = SFT()(logps, batch, 5.0)
+    assert loss.item() == pytest.approx(-logps[batch["completion"]].sum().item() / 5)
     assert m["sft/nll"][1] == 5
+    weighted = collate([{**rows[0], "weight": 2.0}, {**rows[1], "weight": 0.0}], ("weight",))
+    loss, _ = SFT()(logps, weighted, 5.0)
+    assert loss.item() == pytest.approx(-2 * logps[0, :3].sum().item() / 5)
 
 
-def test_collate_aligns_token_columns_with_the_labels():
+def test_collate_aligns_token_columns_with_the_completions():
     rows = [
         {"prompt_ids": [5, 6, 7], "completion_ids": [8, 9], "logprobs": [-0.1, -0.2], "advantage": 2.0},
         {"prompt_ids": [5], "completion_ids": [4, 3, 2], "logprobs": [-1.0, -2.0, -3.0], "advantage": -1.0},
     ]
-    batch = collate(rows, pad=0)
-    assert batch["labels"].tolist() == [[-100, -100, -100, 8, 9], [-100, -100, 4, 3, 2]]
-    want_old = torch.tensor([[0, 0, 0, -0.1, -0.2], [0, 0, -1.0, -2.0, -3.0]])
-    torch.testing.assert_close(batch["old_logprobs"], want_old)
-    assert batch["advantages"].tolist() == [[0, 0, 0, 2, 2], [0, 0, -1, -1, -1]]
-    assert "ref_logprobs" not in batch and "weights" not in batch  # only the columns every row has
-    with pytest.raises(ValueError, match="logprobs: 1 values for 2"):
-        collate([{**rows[0], "logprobs": [-0.1]}], pad=0)
+    batch = collate(rows, ("logprobs", "advantage", "ref_logprobs", "weight"))
+    assert batch["completion"].tolist() == [[True, True, False], [True, True, True]]
+    torch.testing.assert_close(batch["logprobs"], torch.tensor([[-0.1, -0.2, 0], [-1.0, -2.0, -3.0]]))
+    assert batch["advantage"].tolist() == [2.0, -1.0]  # a per-row number, under its own name
+    assert "ref_logprobs" not in batch and "weight" not in batch  # only the columns every row has
+    # scope "sequence": every token but the first is scored, the completion at its end
+    seq = collate(rows, ("logprobs",), scope="sequence")
+    assert seq["completion"].tolist() == [[False, False, True, True], [True, True, True, False]]
+    assert seq["logprobs"][0].tolist() == pytest.approx([0, 0, -0.1, -0.2])
 
 
 def _rows(answers_by_prompt, rewards_by_prompt):
@@ -164,7 +171,7 @@ def _rows(answers_by_prompt, rewards_by_prompt):
 
 
 def test_group_advantage_gates_and_orders_prompts_by_agreement():
-    assert agreement([7, 7, 3, None, 7, 3]) == 0.5  # METHODS.md §14: a 0.6 gate drops this prompt
+    assert agreement([7, 7, 3, None, 7, 3]) == 0.5  # majority 7 is 3 of 6: SRT's 0.6 gate drops it
     rows = _rows(
         [[7, 7, 3, None, 7, 3], [1, 1, 1, 2, 1, 1], [4, 5, 6, 7, 8, 9]],
         [[1, 1, 0, 0, 1, 0], [1, 1, 1, 0, 1, 1], [0, 0, 0, 0, 0, 0]],
@@ -173,7 +180,10 @@ def test_group_advantage_gates_and_orders_prompts_by_agreement():
     kept = stage(rows)
     assert {r["prompt_id"] for r in kept} == {1}
     assert stage.metrics["prompts_kept"] == pytest.approx(1 / 3)
-    assert [r["advantage"] for r in kept] == pytest.approx(group_advantages([1, 1, 1, 0, 1, 1]))
+    # rewards 1,1,1,0,1,1: mean 5/6, sample std 0.4082: (1 − 5/6)/0.4082 = 0.4082, (0 − 5/6)/(0.4082 + 1e-4) = −2.0407
+    assert [r["advantage"] for r in kept] == pytest.approx(
+        [0.4082, 0.4082, 0.4082, -2.0407, 0.4082, 0.4082], abs=2e-4
+    )
     stage = GroupAdvantage("r", easiest_fraction=0.34, drop_zero=False)
     assert {r["prompt_id"] for r in stage(rows)} == {1}  # the most self-consistent third
     stage = GroupAdvantage("r", estimator="rloo")

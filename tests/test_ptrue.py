@@ -8,31 +8,16 @@ from pathlib import Path
 
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
+from conftest import cfg_of
 from hydra.utils import instantiate
 
 from selfimprove import models
 from selfimprove.cli import CONFIG_DIR
-from selfimprove.config import register
 from selfimprove.engine import Engine
 from selfimprove.stages import Context
 from selfimprove.verify.ptrue import PTrue, p_true
 
-register()
-
-
-def cfg_of(*overrides):
-    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
-        return compose("config", overrides=["recipe=sharpen_sft", "model=tiny", *overrides])
-
-
-@pytest.fixture(autouse=True)
-def fresh_accelerator_state():
-    """accelerate keeps one state per process; each engine built here starts from a fresh one."""
-    from accelerate.state import AcceleratorState
-
-    AcceleratorState._reset_state(reset_partial_state=True)
-    yield
+pytestmark = pytest.mark.usefixtures("fresh_accelerator_state")  # each test's engines start afresh
 
 
 @pytest.fixture(scope="module")
@@ -136,7 +121,7 @@ def test_matches_a_full_forward_pass(overrides, weights):
     ]
     assert len(rec.calls) == 2 and all(w == weights for *_, w in rec.calls)
     judged = [(p, s, c) for p, suffixes, c, _ in rec.calls for s in suffixes]
-    with engine._weights(weights) as model:
+    with engine.model_with(weights) as model:
         expected = [full_forward(model, p + s, c) for p, s, c in judged]
     assert scores == pytest.approx(expected, abs=1e-5)  # the rows come grouped by prompt, in order
     assert len(set(round(s, 6) for s in scores)) > 1  # the answers make a difference
@@ -255,10 +240,7 @@ def test_custom_plain_template_is_what_the_model_reads(tokenizer):
 
 @pytest.mark.parametrize("name", ["ptrue", "ptrue_fewshot", "ptrue_fewshot_labeled", "ptrue_brainstorm"])
 def test_configs_build(name):
-    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
-        cfg = compose(
-            "config", overrides=["recipe=sharpen_sft", "model=tiny", f"+verifier@verifiers.{name}={name}"]
-        )
+    cfg = cfg_of(f"+verifier@verifiers.{name}={name}")
     scorer = instantiate(cfg.verifiers[name])
     assert scorer.name == name and isinstance(scorer, PTrue)
     assert ("correct" in scorer.reads) == (name == "ptrue_fewshot_labeled")

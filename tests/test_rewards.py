@@ -1,14 +1,13 @@
-"""RL rewards (METHODS.md §9, §14): TTRL's majority vote and EMPO's share on the sheet's answers, RENT's
-negative entropy, RandomCalculation's graded reward on the paper's values, and the EMA teacher on the
-tiny model: one batched call, from the EMA weights, whose majority the rewards follow."""
+"""RL rewards: TTRL's majority vote (2504.16084) and EMPO's share (2504.05812) on a hand-checked sheet
+of answers, RENT's negative entropy (2505.22660), RandomCalculation's graded reward on the paper's
+values (2507.10532), and the EMA teacher on the tiny model: one batched call, from the EMA weights,
+whose majority the rewards follow."""
 
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
+from conftest import cfg_of
 from hydra.utils import instantiate
 
-from selfimprove.cli import CONFIG_DIR
-from selfimprove.config import register
 from selfimprove.engine import Engine
 from selfimprove.stages import Context
 from selfimprove.verify import (
@@ -20,23 +19,10 @@ from selfimprove.verify import (
     graded_reward,
 )
 
-register()
-
-SHEET = [7, 7, 3, None, 7, 3]  # METHODS.md §14's check
+SHEET = [7, 7, 3, None, 7, 3]  # by hand: majority 7 (share .5); EMPO shares .5, .5, 1/3, 0, .5, 1/3
 
 
-def cfg_of(*overrides):
-    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
-        return compose("config", overrides=["recipe=sharpen_sft", "model=tiny", *overrides])
-
-
-@pytest.fixture(autouse=True)
-def fresh_accelerator_state():
-    """accelerate keeps one state per process; each engine built here starts from a fresh one."""
-    from accelerate.state import AcceleratorState
-
-    AcceleratorState._reset_state(reset_partial_state=True)
-    yield
+pytestmark = pytest.mark.usefixtures("fresh_accelerator_state")  # each test's engines start afresh
 
 
 def _rows(answers, prompt="p0", **extra):

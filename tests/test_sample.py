@@ -7,11 +7,15 @@ import math
 import pandas as pd
 import pyarrow.parquet as pq
 import pytest
-from test_export import fake_run, fresh_accelerator_state  # noqa: F401 (an autouse fixture)
+from conftest import reset_accelerate
+from test_export import fake_run
 
 from selfimprove.compose import load_config
+from selfimprove.ema import engine_weights
 from selfimprove.engine import Engine
 from selfimprove.sample import main
+
+pytestmark = pytest.mark.usefixtures("fresh_accelerator_state")  # each test's engines start afresh
 
 TINY_MODEL = ["recipe=sharpen_sft", "model=tiny", "sampler.n=2", "prompts=3"]
 SCORES = ["score/loglik_base", "score/loglik_base_mean", "score/self_certainty", "score/majority"]
@@ -74,15 +78,12 @@ def test_run_folder_samples_its_checkpoint(tmp_path, weights):
     rows = pq.read_table(out).to_pylist()
     assert len(rows) == 4 and all(s in rows[0] for s in SCORES)  # the run's recipe: sharpen_sft
     # The recorded log-probs are those of the restored weights (a forward pass agrees with them).
-    from accelerate.state import AcceleratorState
-
-    AcceleratorState._reset_state(reset_partial_state=True)
+    reset_accelerate()
     engine = Engine(load_config(run_dir, []), train=False)
     engine.restore(run_dir)
-    with engine.weights(weights):
-        again = engine.logprobs(
-            [r["prompt_ids"] for r in rows], [r["completion_ids"] for r in rows], "policy"
-        )
+    again = engine.logprobs(
+        [r["prompt_ids"] for r in rows], [r["completion_ids"] for r in rows], engine_weights(weights)
+    )
     for r, lp in zip(rows, again):
         assert lp == pytest.approx(r["logprobs"], abs=1e-4)
 

@@ -1,4 +1,4 @@
-"""SCoRe (METHODS.md §5): the shaping bonus's hand values, the stage rewards and advantages, the
+"""SCoRe (Kumar et al. 2409.12917): the shaping bonus's hand values, the stage rewards and advantages, the
 first-attempt KL coefficient, the self-correction metrics, the two-attempt rollout on the tiny model,
 and the schedule that switches Stage I to Stage II."""
 
@@ -6,34 +6,20 @@ import math
 
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
+from conftest import cfg_of
 
-from selfimprove.cli import CONFIG_DIR
-from selfimprove.config import ConfigError, register, schedule, scheduled, validate_targets
+from selfimprove.config import ConfigError, schedule, scheduled, validate_targets
 from selfimprove.engine import Engine
 from selfimprove.metrics import edit_distance, eval_summary, self_correction
-from selfimprove.objectives import PolicyGradient, k3
+from selfimprove.objectives import PolicyGradient
 from selfimprove.rollout import TwoAttempts
 from selfimprove.select import SCoRe, shaped_reward
 from selfimprove.train import collate
 
-register()
+pytestmark = pytest.mark.usefixtures("fresh_accelerator_state")  # each test's engines start afresh
 
 
-def cfg_of(*overrides):
-    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
-        return compose("config", overrides=["recipe=score", "model=tiny", *overrides])
-
-
-@pytest.fixture(autouse=True)
-def fresh_accelerator_state():
-    from accelerate.state import AcceleratorState
-
-    AcceleratorState._reset_state(reset_partial_state=True)
-    yield
-
-
-def test_shaping_hand_values():  # METHODS.md §5's check at α = 10
+def test_shaping_hand_values():  # r2 + α(r2 − r1) at the paper's α = 10
     assert shaped_reward(1, 0, 10) == -10
     assert shaped_reward(0, 1, 10) == 11
     assert shaped_reward(1, 1, 10) == 1 and shaped_reward(0, 0, 10) == 0
@@ -78,25 +64,26 @@ def test_stage_rewards_and_advantages_per_attempt_group():
 
 
 def test_first_attempt_kl_coefficient():
-    """Zero advantages leave only β·k3: first attempts weigh first_turn_beta, second attempts beta."""
+    """Zero advantages leave only β·k3 per token, k3 = e^d − d − 1 with d = ref − logp: first attempts
+    weigh first_turn_beta, second attempts beta; normalize=token divides by the step's 4 tokens."""
+    logps = [[-0.5, -1.5], [-0.2, -3.0]]
+    refs = [[-1.0, -2.0], [-0.7, -2.5]]  # each row its own, so a row mix-up shows
     rows = [
-        {
-            "prompt_ids": [1, 2],
-            "completion_ids": [3, 4],
-            "advantage": 0.0,
-            "turn": t,
-            "ref_logprobs": [-1.0, -2.0],
-        }
-        for t in (1, 2)
+        {"prompt_ids": [1, 2], "completion_ids": [3, 4], "advantage": 0.0, "turn": t, "ref_logprobs": ref}
+        for t, ref in zip((1, 2), refs)
     ]
-    batch = collate(rows, pad=0)
-    logits = torch.randn(2, batch["input_ids"].shape[1], 6, generator=torch.Generator().manual_seed(0))
     objective = PolicyGradient(beta=0.01, first_turn_beta=0.1, normalize="token")
     assert "turn" in objective.reads and "ref_logprobs" in objective.reads
-    loss, _, metrics = objective(logits, batch)
-    logp, mask = objective.token_logprobs(logits, batch)
-    kl = k3(logp, batch["ref_logprobs"][:, 1:][mask])
-    assert loss.item() == pytest.approx((0.1 * kl[:2].sum() + 0.01 * kl[2:].sum()).item(), rel=1e-5)
+    batch = collate(rows, (*objective.reads, *objective.optional))
+    loss, _ = objective(torch.tensor(logps), batch, objective.normalizer(rows))
+
+    def k3(lp: float, ref: float) -> float:
+        return math.exp(ref - lp) - (ref - lp) - 1
+
+    want = sum(
+        beta * k3(lp, ref) for beta, lps, rs in zip((0.1, 0.01), logps, refs) for lp, ref in zip(lps, rs)
+    )
+    assert loss.item() == pytest.approx(want / 4, rel=1e-6)
 
 
 def test_self_correction_metrics_hand_values():
@@ -128,14 +115,14 @@ def test_self_correction_metrics_hand_values():
 
 
 def test_two_attempt_rollout_on_the_tiny_model():
-    cfg = cfg_of()
+    cfg = cfg_of(recipe="score")
     engine = Engine(cfg, train=False)
     from hydra.utils import instantiate
 
     task = instantiate(cfg.task)
     problems = [task.train_problem(i) for i in range(2)]
     rollout = TwoAttempts("Check it and answer again.")
-    rows = rollout(engine, task, problems, 3, dict(max_new_tokens=4, temperature=1.0, top_p=1.0), seed=5)
+    rows = rollout(engine, task, problems, 3, dict(max_new_tokens=4, temperature=1.0, top_p=1.0, weights="policy"), seed=5)
     assert [r["turn"] for r in rows] == [1, 2] * 6
     assert len({tuple(r) for r in rows}) == 1  # the same columns in every row (one Parquet schema)
     for first, second in zip(rows[::2], rows[1::2]):
@@ -145,12 +132,12 @@ def test_two_attempt_rollout_on_the_tiny_model():
         assert "Check it and answer again." in text and first["completion"] in text
         assert text.endswith(first["prefill"])  # the second answer starts with the same prefill
         assert len(second["logprobs"]) == len(second["completion_ids"])
-    again = rollout(engine, task, problems, 3, dict(max_new_tokens=4, temperature=1.0, top_p=1.0), seed=5)
+    again = rollout(engine, task, problems, 3, dict(max_new_tokens=4, temperature=1.0, top_p=1.0, weights="policy"), seed=5)
     assert [r["completion_ids"] for r in again] == [r["completion_ids"] for r in rows]  # seeded
 
 
 def test_schedule_picks_stages_and_refuses_bad_entries():
-    cfg = cfg_of()
+    cfg = cfg_of(recipe="score")
     entries = schedule(cfg)
     assert [e.name for e in entries] == ["stage1", "stage2"]
     last = entries[0].until_round
@@ -162,11 +149,11 @@ def test_schedule_picks_stages_and_refuses_bad_entries():
     assert entries[1].cfg.selector.stage == 2 and entries[1].cfg.selector.alpha == 10
     validate_targets(cfg)
     with pytest.raises(ConfigError, match=r"schedule\[0\]\.trainer"):
-        schedule(cfg_of("+schedule.0.trainer={lr: 1}"))
+        schedule(cfg_of("+schedule.0.trainer={lr: 1}", recipe="score"))
     with pytest.raises(ConfigError, match=r"schedule\[1\]\.until_round"):
-        schedule(cfg_of("schedule.1.until_round=9"))
+        schedule(cfg_of("schedule.1.until_round=9", recipe="score"))
     with pytest.raises(ConfigError, match=r"schedule\[0\]\.selector\.alpah"):
-        schedule(cfg_of("+schedule.0.selector.alpah=3"))
+        schedule(cfg_of("+schedule.0.selector.alpah=3", recipe="score"))
     with pytest.raises(ConfigError, match="turn"):  # SCoRe without two-attempt rows: at config time
-        validate_targets(cfg_of("rollout=one_turn"))
+        validate_targets(cfg_of("rollout=one_turn", recipe="score"))
     assert math.isfinite(entries[0].until_round)

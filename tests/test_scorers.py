@@ -5,7 +5,7 @@ import math
 
 import pytest
 import torch
-from test_engine import cfg_of
+from conftest import cfg_of, reset_accelerate
 
 from selfimprove import models
 from selfimprove.engine import Engine
@@ -43,9 +43,7 @@ def rm_dir(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def engine():
-    from accelerate.state import AcceleratorState
-
-    AcceleratorState._reset_state(reset_partial_state=True)  # another module's engine may set bf16
+    reset_accelerate()
     return Engine(cfg_of(), train=False)
 
 
@@ -164,7 +162,9 @@ def test_combined_within_prompt_or_all():
     by_prompt = Combined({"a": 1.0}, within="prompt").score(rows)
     assert by_prompt == pytest.approx([-1.0, 1.0, -1.0, 1.0])
     overall = Combined({"a": 1.0}, within="all").score(rows)
-    assert overall == pytest.approx(zscores([1.0, 2.0, 10.0, 20.0]))
+    # all four together: mean 8.25, population std sqrt(232.75 / 4) = 7.628 (not each prompt's ±1)
+    std = math.sqrt((7.25**2 + 6.25**2 + 1.75**2 + 11.75**2) / 4)
+    assert overall == pytest.approx([(x - 8.25) / std for x in (1.0, 2.0, 10.0, 20.0)])
     assert Combined({"a": 1.0}, method="rank", within="prompt").score(rows) == [0.0, 1.0, 0.0, 1.0]
 
 

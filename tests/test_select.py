@@ -148,7 +148,8 @@ def test_curated_update_monte_carlo():
 
 @pytest.mark.parametrize(("power", "kept"), [(0.0, 1), (0.5, 1), (1.2, 0)])
 def test_borda_selector_methods_hand_values(power, kept):
-    # METHODS.md §3: answers [B, A, A, C], self-certainty [.9, .8, .1, .5]
+    # answers [B, A, A, C], self-certainty [.9, .8, .1, .5]; Borda weights (N − rank + 1)^p by hand:
+    # p = 0.5 gives A 2.732 (√3 + 1) vs B 2.0; p = 1.2 gives B 5.278 vs A 4.737 (4^1.2 vs 3^1.2 + 1)
     rows = [_row("p", i, answer=a, score=s) for i, (a, s) in enumerate(zip("BAAC", [0.9, 0.8, 0.1, 0.5]))]
     assert _picked(Borda(score="s", power=power), rows) == [kept]
 

@@ -10,11 +10,9 @@ from types import SimpleNamespace
 import pyarrow.parquet as pq
 import pytest
 from conftest import run_cli
-from test_export import fresh_accelerator_state  # noqa: F401 (an autouse fixture)
 
 from selfimprove.compose import CONFIG_DIR
 from selfimprove.metrics import (
-    _majority,
     auroc,
     auroc_within,
     best_of_k,
@@ -25,6 +23,8 @@ from selfimprove.metrics import (
 )
 from selfimprove.sample import main as sample_main
 from selfimprove.verify_report import ks_of, main, summarize
+
+pytestmark = pytest.mark.usefixtures("fresh_accelerator_state")  # each test's engines start afresh
 
 VERIFIERS = Path(CONFIG_DIR) / "verifier"
 HAS_PTRUE = (VERIFIERS / "ptrue.yaml").exists()
@@ -107,17 +107,38 @@ def test_best_of_k_equals_enumeration(scores, correct):
     assert best_of_k(scores, correct, n) == float(correct[rank_order(scores)[0]])  # k = N: the argmax
 
 
+def _brute_majority_of_k(pairs, k):
+    """maj@k over every k-subset by counting: the most common answer (None never), ties to the first."""
+    hits = []
+    for sub in itertools.combinations(pairs, k):
+        counts = {}
+        for answer, _ in sub:
+            if answer is not None:
+                counts[answer] = counts.get(answer, 0) + 1
+        top = max(counts.values(), default=0)
+        winner = next((a for a, _ in sub if a is not None and counts[a] == top), None)
+        hits.append(winner is not None and next(c for a, c in sub if a == winner))
+    return sum(hits) / len(hits)
+
+
 def test_majority_of_k():
     pairs = [("7", True), ("5", False), ("7", True), (None, False), ("5", False)]
-    assert majority_of_k(pairs, 5) == float(_majority(pairs)[1])  # one subset: all of them
+    # k = 5, one subset: "7" and "5" tie at 2 votes and "7" is seen first -> right
+    assert majority_of_k(pairs, 5) == 1.0
+    assert majority_of_k(pairs[1:] + pairs[:1], 5) == 0.0  # "5" seen first now wins the same tie
     assert majority_of_k(pairs, 1) == pytest.approx(2 / 5)  # a single vote: that sample
     # k = 2 by hand: the 10 pairs, ties to the first seen; "7" wins {0,1},{0,2},{0,3},{0,4},{2,3},{2,4}
     # and {1,2} loses to the first-seen "5"
     assert majority_of_k(pairs, 2) == pytest.approx(6 / 10)
-    # more subsets than draws: seeded, so the same number twice
+    # 12 samples, k = 6: C(12, 6) = 924 subsets. With draws >= 924 every one is counted (exact);
+    # with 923 draws they are sampled, seeded: the same number twice, close to the exact one.
     many = [(str(i % 3), i % 3 == 0) for i in range(12)]
-    assert majority_of_k(many, 6, draws=16, seed=1) == majority_of_k(many, 6, draws=16, seed=1)
-    assert 0.0 <= majority_of_k(many, 6, draws=16, seed=1) <= 1.0
+    exact = _brute_majority_of_k(many, 6)
+    assert 0.2 < exact < 0.5  # ties between answers are common: the tie rule matters here
+    assert majority_of_k(many, 6, draws=924) == pytest.approx(exact, abs=1e-12)
+    drawn = majority_of_k(many, 6, draws=923, seed=1)
+    assert drawn == majority_of_k(many, 6, draws=923, seed=1) and drawn != exact
+    assert drawn == pytest.approx(exact, abs=0.06)  # 923 draws: standard error about 0.016
 
 
 def test_reliability_bins_by_hand():

@@ -2,8 +2,12 @@
 
 import copy
 import math
+import os
+import re
+import threading
 import time
 from dataclasses import dataclass, field
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -12,6 +16,7 @@ from hydra import compose, initialize_config_dir
 from selfimprove.cli import CONFIG_DIR
 from selfimprove.config import ConfigError, register, validate_targets
 from selfimprove.sampling import vllm as V
+from selfimprove.sampling import vllm_checks as C
 from selfimprove.verify.self_certainty import token_stats
 
 register()
@@ -198,55 +203,180 @@ def test_config_check_is_one_line():
         "sampler.backend=vllm needs a CUDA GPU",
     )
     with pytest.raises(ConfigError, match=r"'sglang' is not hf\|vllm"):
-        V.check_backend("sglang")
-    V.check_backend("hf")
+        C.check_backend("sglang")
+    C.check_backend("hf")
 
 
-def test_engine_sleeps_before_the_update_pushes_after_and_samples_the_policy_there(monkeypatch):
-    """The engine's side of the contract, with a stand-in for vLLM (which cannot run here): a plain
-    transformers copy that loads what `push` sends (merged_state_dict) and is probed like vLLM is."""
-    from accelerate.state import AcceleratorState
-    from test_engine import cfg_of, one_step
+# ----- VLLMSampler itself, on a fake `vllm` module that records what it is asked -----
+class FakeCUDA(threading.local):
+    """CUDA's current device is per thread; a new thread starts on device 0."""
 
-    from selfimprove import models
-    from selfimprove.engine import Engine
-    from selfimprove.sampling.hf import HFSampler, sequence_logprobs
+    device = 0
 
-    cfg = cfg_of("sampler=vllm", "trainer.lr=0.05")
 
-    class StandIn:
-        def __init__(self, tokenizer, model_path, cfg_sampler, seed):
-            self.hf, self.events, self.copy = HFSampler(tokenizer, cfg_sampler.max_prompt_tokens), [], None
+class FakeLLM:
+    """vLLM 0.33's LLM as far as VLLMSampler calls it. Each call records the CUDA device current in
+    the calling thread; its copy of the model takes what reload_weights sends and answers the probe."""
 
-        def generate(self, model, prompts, **gen):
-            self.events.append("generate")
-            return self.hf.generate(self.copy, prompts, **gen)
+    def __init__(self, **kwargs):
+        self.kwargs, self.calls, self.params = kwargs, [], []
+        torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))  # as vLLM's Worker.init_device does
+        self.copy = tiny_llama()
+        self.model_config = SimpleNamespace(get_vocab_size=lambda: 100)
+        self.prefix_cache_reset = True
 
-        def sleep(self):
-            self.events.append("sleep")
+    def record(self, what):
+        self.calls.append((what, torch.cuda.current_device()))
 
-        def push(self, model):
-            self.events.append("push")
-            self.copy = models.load_model(cfg.model)  # the architecture; its weights replaced:
-            self.copy.load_state_dict(V.merged_state_dict(model))
-            probe = V.probe_sequences(64)
-            ours, theirs = (
-                sequence_logprobs(m.eval(), [p[:1] for p in probe], [p[1:] for p in probe], 0)
-                for m in (self.copy, model)
+    def wake_up(self, tags=None):
+        self.record("wake_up")
+        return True
+
+    def sleep(self, level=1):
+        self.record("sleep")
+
+    def collective_rpc(self, method, timeout=None, args=(), kwargs=None):
+        self.record(method)
+        self.copy.load_state_dict(dict(kwargs["weights_iterator"]))
+        return [None]
+
+    def reset_prefix_cache(self):
+        self.record("reset_prefix_cache")
+        return self.prefix_cache_reset
+
+    def generate(self, prompts, params, use_tqdm=True):
+        from selfimprove.sampling.hf import sequence_logprobs
+
+        self.record("generate")
+        self.params.append(params)
+        outs = []
+        for p in prompts:
+            ids = p["prompt_token_ids"]
+            lps = sequence_logprobs(self.copy, [ids[:1]], [ids[1:]], 0)[0]
+            outs.append(
+                RequestOutput("0", None, ids, [None] + [{t: Logprob(x)} for t, x in zip(ids[1:], lps)])
             )
-            return V.check_probe(V.probe_max_diff(ours, theirs), 1e-4)
+        return outs
 
-    monkeypatch.setattr(V, "VLLMSampler", StandIn)
-    AcceleratorState._reset_state(reset_partial_state=True)
-    engine = Engine(cfg)
-    one_step(engine, cfg)
-    assert engine.vllm.events == ["sleep", "push"]
-    assert engine.sync["sampler/probe_max_abs_diff"] < 1e-4
 
-    prompts = [engine.tokenizer("What is 2 + 3?")["input_ids"]] * 2
-    sampled = engine.generate(prompts, max_new_tokens=6, greedy=True)
-    assert engine.vllm.events[-1] == "generate"
-    direct = engine.sampler.generate(engine.policy, prompts, max_new_tokens=6, greedy=True)
-    assert [r["completion_ids"] for r in sampled] == [r["completion_ids"] for r in direct]
-    engine.generate(prompts, weights="base", max_new_tokens=2)  # the base stays with transformers
-    assert engine.vllm.events.count("generate") == 1
+class FakeSamplingParams(dict):
+    def __init__(self, **kwargs):
+        super().__init__(kwargs)
+
+
+class ProbeTok(Tok):
+    pad_token_id = 0
+
+    def __len__(self):
+        return 100
+
+
+@pytest.fixture
+def fake_vllm(monkeypatch):
+    """VLLMSampler on FakeLLM, with a per-thread fake CUDA device and an environment of its own."""
+    from selfimprove import extras
+
+    cuda = FakeCUDA()
+    monkeypatch.setattr(torch.cuda, "set_device", lambda d: setattr(cuda, "device", int(d)))
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: cuda.device)
+    monkeypatch.setattr(os, "environ", dict(os.environ))  # the sampler sets RANK, MASTER_PORT, ...
+    fake = SimpleNamespace(LLM=FakeLLM, SamplingParams=FakeSamplingParams)
+    monkeypatch.setattr(extras, "require", lambda *args: fake)
+    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+        return compose(
+            "config",
+            overrides=[
+                "sampler=vllm",
+                "model.dtype=bfloat16",
+                "sampler.max_prompt_tokens=100",
+                "sampler.max_new_tokens=8",
+                "eval.max_new_tokens=40",
+            ],
+        )
+
+
+def test_vllm_gets_the_dtype_the_length_and_a_free_port(fake_vllm):
+    for key in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_PORT"):
+        os.environ.pop(key, None)
+    sampler = V.VLLMSampler(ProbeTok(), "/models/m", fake_vllm)
+    kwargs = sampler.llm.kwargs
+    assert kwargs["dtype"] == "bfloat16"  # vLLM's "auto" would run a float32 model in bf16
+    assert kwargs["max_model_len"] == 100 + 40  # the longest prompt + the most new tokens asked for
+    assert os.environ["RANK"] == "0" and os.environ["MASTER_PORT"] != "29500"
+    with pytest.raises(ValueError, match="max_model_len=140"):
+        sampler.generate(None, [[1] * 100], max_new_tokens=41)
+
+
+def test_push_runs_on_the_callers_device_reloads_and_checks_the_cache(fake_vllm):
+    os.environ.update(RANK="1", LOCAL_RANK="1", WORLD_SIZE="2")  # rank 1's engine lives on GPU 1
+    sampler = V.VLLMSampler(ProbeTok(), "/models/m", fake_vllm)
+    sampler.sleep()
+    model = tiny_llama()
+    with torch.no_grad():
+        model.model.layers[0].self_attn.q_proj.weight.add_(0.1)  # the trainer's weights moved
+    assert sampler.push(model, holds="ema@3") == pytest.approx(0.0, abs=1e-5)
+    assert sampler.holds == "ema@3" and not sampler.asleep
+    calls = sampler.llm.calls
+    assert [what for what, _ in calls] == [
+        "sleep",
+        "wake_up",
+        "reload_weights",  # load_weights plus vLLM's post-load processing
+        "wake_up",
+        "reset_prefix_cache",
+        "generate",
+    ]
+    assert {device for _, device in calls} == {1}  # the push's thread too, not GPU 0
+    assert sampler.llm.params[-1]["detokenize"] is False
+    sampler.llm.prefix_cache_reset = False
+    with pytest.raises(V.WeightSyncError, match="prefix cache"):
+        sampler.push(model)
+    assert sampler.holds is None  # a failed push leaves weights nobody asked for
+
+
+def vllm_cfg(tmp_path, *overrides):
+    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+        return compose(
+            "config",
+            overrides=[
+                "sampler=vllm",
+                "model=hf",
+                f"model.path={tmp_path}",
+                "+verifiers.teacher._target_=selfimprove.verify.EMATeacher",
+                "ema.enabled=true",
+                *overrides,
+            ],
+        )
+
+
+@pytest.mark.parametrize(
+    "override, key",
+    [
+        ("sampler.temperature=0.005", "sampler.temperature"),  # vLLM would sample at 0.01
+        ("sampler.temperature=2.5", "sampler.temperature"),  # vLLM refuses > 2
+        ("sampler.top_p=0", "sampler.top_p"),
+        ("eval.temperature=3", "eval.temperature"),
+        ("+verifiers.teacher.temperature=0.001", "verifiers.teacher.temperature"),  # the EMA samples too
+    ],
+)
+def test_vllm_refuses_temperatures_it_would_change(tmp_path, override, key):
+    with pytest.raises(ConfigError, match=rf"^{re.escape(key)}=\S+: sampler.backend=vllm"):
+        validate_targets(vllm_cfg(tmp_path, override))
+
+
+def test_vllm_takes_the_temperatures_it_samples_at_as_asked(tmp_path):
+    C.check_sampling_values(vllm_cfg(tmp_path, "sampler.temperature=0.01", "eval.temperature=2.0"))
+    validate_targets(vllm_cfg(tmp_path, "sampler.backend=hf", "sampler.temperature=0.005"))  # hf: any
+
+
+def test_the_backends_and_the_vllm_sampler_do_not_import_the_config():
+    """The config check calls into both: they take ConfigError from its own module (no import circle),
+    and the config module still offers the same class."""
+    import subprocess
+    import sys
+
+    from selfimprove import errors
+
+    code = "import sys, selfimprove.backends, selfimprove.sampling.vllm; print('selfimprove.config' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
+    assert ConfigError is errors.ConfigError

@@ -17,8 +17,11 @@ mean completion length of each is printed); scoring runs `sequence_logprobs` ove
 `Engine.logprobs` does) and checks the log-probs agree. Printed: tokens/s of each and their ratio, the
 median over interleaved repeats (order alternating) after one warm-up each.
 
+Device: --device (default: cuda when available, else cpu); on a GPU each timer is read after
+torch.cuda.synchronize(), so a reading covers the kernels it launched.
+
 Run:  HF_HUB_OFFLINE=1 .venv/bin/python scripts/bench/prefill_sharing.py [--tiny] [--prompts 8] [--n 8]
-      [--max-new-tokens 6] [--repeats 5]
+      [--max-new-tokens 6] [--repeats 5] [--device cuda|cpu]
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ import argparse
 import statistics
 import time
 
+import torch
 from generate_baseline import generate_with_recorder
 from omegaconf import OmegaConf
 
@@ -36,6 +40,12 @@ from selfimprove.sampling import hf
 from selfimprove.tasks import ArithmeticTask
 
 
+def clock(device: torch.device) -> float:
+    if device.type == "cuda":  # kernels run asynchronously: wait for them before reading the time
+        torch.cuda.synchronize(device)
+    return time.perf_counter()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tiny", action="store_true", help="the random test model (a smoke test)")
@@ -43,25 +53,28 @@ def main() -> None:
     parser.add_argument("--n", type=int, default=8)
     parser.add_argument("--max-new-tokens", type=int, default=6)
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = parser.parse_args()
+    device = torch.device(args.device)
 
     cfg = OmegaConf.structured(ModelConfig(kind="tiny" if args.tiny else "embedded"))
-    model, tokenizer = models.load_model(cfg).eval(), models.load_tokenizer(cfg)
+    model, tokenizer = models.load_model(cfg).eval().to(device), models.load_tokenizer(cfg)
+    print(f"device: {torch.cuda.get_device_name(device) if device.type == 'cuda' else 'cpu'}")
     sampler = hf.HFSampler(tokenizer, compile="false")  # the eager path, where prefill is shared
     task = ArithmeticTask()
     prompts = [sampler.encode(task.train_problem(i)) for i in range(args.prompts)]
     batch = [p for p in prompts for _ in range(args.n)]
 
     def sample_before() -> tuple[float, list[list[int]]]:
-        t = time.perf_counter()
+        t = clock(device)
         completions = generate_with_recorder(model, tokenizer, batch, args.max_new_tokens)
-        return time.perf_counter() - t, completions
+        return clock(device) - t, completions
 
     def sample(shared: bool) -> tuple[float, list[dict]]:
         sampler.share_prompts = shared
-        t = time.perf_counter()
+        t = clock(device)
         rows = sampler.generate(model, batch, max_new_tokens=args.max_new_tokens, seed=0)
-        return time.perf_counter() - t, rows
+        return clock(device) - t, rows
 
     _, before = sample_before()  # warm-ups, and the check that per-sample and shared sample the same
     _, want = sample(False)
@@ -69,11 +82,11 @@ def main() -> None:
     completions = [r["completion_ids"] for r in want]
 
     def score(shared: bool) -> tuple[float, list[list[float]]]:
-        t, out = time.perf_counter(), []
+        t, out = clock(device), []
         for s in range(0, len(batch), 64):  # Engine.logprobs' batches
             part = slice(s, s + 64)
             out += hf.sequence_logprobs(model, batch[part], completions[part], tokenizer.pad_token_id, shared)
-        return time.perf_counter() - t, out
+        return clock(device) - t, out
 
     _, plain = score(False)
     _, shared = score(True)

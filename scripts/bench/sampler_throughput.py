@@ -2,9 +2,11 @@
 
 Measures what recording the statistics (per-token log-prob, self-certainty and entropy, i.e. one
 log_softmax + exp/entr + mean over the full vocabulary per step) and HFSampler's own
-padding/stacking/decoding cost on top of plain sampling. On a CPU HFSampler runs its own decode loop
-(`sampling/decode.py`), with prefill sharing turned off here so both variants prefill every row's whole
-prompt; on a GPU it runs generate on a static cache with the StatsRecorder logits processor. Both variants get the same left-padded
+padding/stacking/decoding cost on top of plain sampling. HFSampler (sampler.compile=auto) runs its own
+decode loop (`sampling/decode.py`) on a CPU, and on a GPU too below 64 new tokens — so at this script's
+defaults (32 and 6) on either — with prefill sharing turned off here so both variants prefill every
+row's whole prompt; only on a GPU at >= 64 new tokens (e.g. --max-new-tokens 128) does it run generate
+on a compiled static cache with the StatsRecorder logits processor. Both variants get the same left-padded
 batch (default task prompts, `ArithmeticTask().train_problem(i)`, encoded with HFSampler.encode),
 the same GenerationConfig (do_sample, top_k=0, temperature 1, top_p 1) and the same seed.
 

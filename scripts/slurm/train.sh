@@ -52,11 +52,12 @@ fi
 # every node: each worker finishes its current step, writes a checkpoint at the next safe point and
 # exits 0 (selfimprove/loop.py: _request_stop, _preempted). The torchrun agent is deliberately left
 # out: it does not handle SIGUSR1 (Python's default action kills it at once, orphaning the workers),
-# and on SIGTERM it kills its workers itself after a 30 s grace. Workers are started by the agent as
-# "python -u -m selfimprove train ..." while the agent's own command line has no "-u" before
-# "-m selfimprove", so the pattern below matches workers only; "[e]" keeps it from matching the
-# command lines of this pkill/srun themselves. When the step has exited we requeue; the requeued
-# job runs this script again and resume=auto continues from the last checkpoint in $RUN_DIR.
+# and on SIGTERM it kills its workers itself after TORCH_ELASTIC_SHUTDOWN_TIMEOUT (120 s unless set,
+# above). Workers are started by the agent as "python -u -m selfimprove train ..." while the agent's
+# own command line has no "-u" before "-m selfimprove", so the pattern below matches workers only;
+# "[e]" keeps it from matching the command lines of this pkill/srun themselves. When the step has
+# exited we requeue; the requeued job runs this script again and resume=auto continues from the last
+# checkpoint in $RUN_DIR.
 WORKER_PATTERN='-u -m selfimprov[e] train'
 preempted=0
 forward_stop() {

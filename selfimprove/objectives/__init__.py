@@ -1,9 +1,9 @@
-"""Training objectives (contract 3): `objective(logits, batch) -> (loss_sum, normalizer, metrics)`."""
+"""Training objectives (contract 3): `objective(logps, batch, normalizer) -> (loss, metrics)`."""
 
 from selfimprove.objectives.base import Mix, Objective
 from selfimprove.objectives.ditto import Ditto, DittoSequences, pseudo_repetitive, sentence_ends
-from selfimprove.objectives.policy_gradient import PolicyGradient, clipped_surrogate, group_advantages, k3
-from selfimprove.objectives.sft import SFT, masked_nll
+from selfimprove.objectives.policy_gradient import PolicyGradient, clipped_surrogate, k3
+from selfimprove.objectives.sft import SFT
 
 __all__ = [
     "Ditto",
@@ -13,9 +13,7 @@ __all__ = [
     "PolicyGradient",
     "SFT",
     "clipped_surrogate",
-    "group_advantages",
     "k3",
-    "masked_nll",
     "pseudo_repetitive",
     "sentence_ends",
 ]

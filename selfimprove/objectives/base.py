@@ -1,12 +1,20 @@
-"""Contract 3, the objective's half: token log-probs of the labels, and the normalisation.
+"""Contract 3, the objective's half: a loss on the log-probs of the scored tokens.
 
-An objective is `objective(logits, batch) -> (loss_sum, normalizer, metrics)`. `batch` is what
-`train.collate` built: `input_ids`, `attention_mask`, `labels` (-100 off the completions) and every
-token-aligned column the rows carried (`old_logprobs`, `ref_logprobs`, `advantages`), each shaped like
-`labels` with values at the completion positions, plus per-sequence `weights`. The update divides the
-summed loss of a whole optimizer step by `normalizer(step's micro-batches)` once, so micro-batching and
-the number of ranks never change the gradient. `metrics` maps a name to (sum, count), summed over
-micro-batches and ranks and logged as sum / count.
+An objective is `objective(logps, batch, normalizer) -> (loss, metrics)`.
+
+- `logps` [B, W]: log π(token) at the objective's `temperature` of each row's scored tokens,
+  left-aligned (column t is the row's scored token t), 0 elsewhere. The update computes them however
+  it likes (per row, or on a shared prefix tree: `selfimprove.logprobs`). The scored tokens are the
+  completion's; an objective with `scope = "sequence"` (DITTO reads the previous copy inside the
+  prompt) gets every token of prompt + completion but the first.
+- `batch`: `scored` and `completion` ([B, W] bool masks), `tokens` [B, W], and the row columns the
+  objective `reads` (required, checked at config time) or `optional`, under the row's own name: a
+  per-token list column padded to [B, W] at its completion tokens, a per-row number stacked to [B]
+  (`train.collate`).
+- `normalizer`: what `normalizer(rows)` returned for the whole optimizer step's rows, computed once
+  by the update, the same on every rank; the returned loss is this micro-batch's share of the step's
+  mean, so micro-batching and the number of ranks never change the gradient.
+- `metrics` maps a name to (sum, count), summed over micro-batches and ranks and logged as sum / count.
 """
 
 from __future__ import annotations
@@ -14,7 +22,6 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-IGNORE_INDEX = -100
 NORMALIZE = ("token", "sequence", "constant")
 
 
@@ -29,6 +36,9 @@ class Objective:
     """
 
     name = "objective"
+    reads: tuple[str, ...] = ()  # row columns every training row must carry
+    optional: tuple[str, ...] = ()  # row columns used when every row of a micro-batch carries them
+    scope = "completion"  # or "sequence": the prompt's tokens are scored too (masked by `completion`)
 
     def __init__(
         self, normalize: str = "token", constant_length: int | None = None, temperature: float = 1.0
@@ -46,40 +56,28 @@ class Objective:
         seeded per step, so a resumed run draws the same)."""
         return examples
 
-    def token_logprobs(self, logits: Tensor, batch: dict) -> tuple[Tensor, Tensor]:
-        """(log π(y_t) at the training temperature for every completion token [N], mask [B, T-1]).
-
-        `logits[:, t]` predicts `labels[:, t+1]`; only the N scored positions are upcast (half precision to fp32)."""
-        labels = batch["labels"][:, 1:]
-        mask = labels != IGNORE_INDEX
-        return self.label_logprobs(logits[:, :-1][mask], labels[mask]), mask
-
-    def label_logprobs(self, picked: Tensor, tokens: Tensor) -> Tensor:
-        """log π(token) at the training temperature from the logits `picked` [N, V] that predict
-        `tokens` [N] (half precision upcast to fp32 here, only for these N positions)."""
-        picked = (picked.float() if picked.element_size() < 4 else picked) / self.temperature
-        return torch.log_softmax(picked, dim=-1).gather(1, tokens[:, None])[:, 0]
-
-    def reduce(self, per_token: Tensor, mask: Tensor, batch: dict) -> Tensor:
-        """Sum of the per-token losses, each scaled so that dividing by `normalizer` gives the named
-        mean; per-sequence `weights` multiply a sequence's tokens."""
-        lengths = mask.sum(1)
-        scale = batch["weights"][:, None].expand_as(mask)[mask] if "weights" in batch else 1.0
-        if self.normalize == "sequence":
-            scale = scale / lengths[:, None].expand_as(mask)[mask].clamp(min=1)
-        return (per_token * scale).sum()
-
-    def normalizer(self, batches: list[dict]) -> float:
-        """The step's divisor, from every micro-batch of the step (all ranks compute the same)."""
-        tokens = sum(int((b["labels"][:, 1:] != IGNORE_INDEX).sum()) for b in batches)
-        sequences = sum(int(((b["labels"][:, 1:] != IGNORE_INDEX).sum(1) > 0).sum()) for b in batches)
+    def normalizer(self, rows: list[dict]) -> float:
+        """The step's divisor, from all the rows of the step (every rank computes the same)."""
+        lengths = [len(r["completion_ids"]) for r in rows]
+        sequences = sum(1 for n in lengths if n > 0)
         if self.normalize == "token":
-            return float(max(tokens, 1))
+            return float(max(sum(lengths), 1))
         if self.normalize == "sequence":
             return float(max(sequences, 1))
         return float(max(sequences, 1) * self.constant_length)
 
-    def __call__(self, logits: Tensor, batch: dict) -> tuple[Tensor, float, dict[str, tuple[Tensor, Tensor]]]:
+    def reduce(self, per_token: Tensor, batch: dict, normalizer: float) -> Tensor:
+        """The completion tokens' losses summed, each scaled so that the step's sum is the named mean;
+        a row's `weight` multiplies its tokens."""
+        mask = batch["completion"]
+        scale = torch.ones(mask.shape[0], device=mask.device)
+        if "weight" in batch:
+            scale = scale * batch["weight"].to(mask.device)
+        if self.normalize == "sequence":
+            scale = scale / mask.sum(1).clamp(min=1)
+        return (torch.where(mask, per_token, 0.0) * scale[:, None]).sum() / normalizer
+
+    def __call__(self, logps: Tensor, batch: dict, normalizer: float) -> tuple[Tensor, dict]:
         raise NotImplementedError
 
 
@@ -90,30 +88,35 @@ def mean_metric(values: Tensor) -> tuple[Tensor, Tensor]:
 
 
 class Mix(Objective):
-    """Several objectives with weights: Σ w_i · loss_i / normalizer_i, each normalised its own way.
+    """Several objectives with weights: Σ w_i · loss_i, each normalised its own way.
 
-    `parts` maps a name to an objective (built by Hydra), `weights` a name to its weight."""
+    `parts` maps a name to an objective (built by Hydra), `weights` a name to its weight. The parts
+    share one forward pass, so they must agree on the training temperature and the scope."""
 
     name = "mix"
 
     def __init__(self, parts: dict[str, Objective], weights: dict[str, float]):
-        super().__init__()
         if set(parts) != set(weights):
             raise ValueError(f"objective weights name {sorted(weights)}, the parts are {sorted(parts)}")
+        temperatures = {p.temperature for p in parts.values()}
+        scopes = {p.scope for p in parts.values()}
+        if len(temperatures) > 1 or len(scopes) > 1:
+            raise ValueError(
+                f"objective parts must share temperature and scope, got {temperatures}, {scopes}"
+            )
+        super().__init__(temperature=temperatures.pop() if temperatures else 1.0)
         self.parts, self.weights = dict(parts), dict(weights)
-        self.reads = tuple(c for part in self.parts.values() for c in getattr(part, "reads", ()))
-        self._totals: dict[str, float] = {}
+        self.scope = scopes.pop() if scopes else "completion"
+        self.reads = tuple(dict.fromkeys(c for p in self.parts.values() for c in p.reads))
+        self.optional = tuple(dict.fromkeys(c for p in self.parts.values() for c in p.optional))
 
-    def normalizer(self, batches: list[dict]) -> float:
-        self._totals = {k: part.normalizer(batches) for k, part in self.parts.items()}
-        return 1.0
+    def normalizer(self, rows: list[dict]) -> dict[str, float]:
+        return {k: part.normalizer(rows) for k, part in self.parts.items()}
 
-    def __call__(self, logits: Tensor, batch: dict):
-        if not self._totals:
-            self.normalizer([batch])
+    def __call__(self, logps: Tensor, batch: dict, normalizer: dict[str, float]):
         loss, metrics = 0.0, {}
         for k, part in self.parts.items():
-            part_sum, _, part_metrics = part(logits, batch)
-            loss = loss + self.weights[k] * part_sum / self._totals[k]
+            part_loss, part_metrics = part(logps, batch, normalizer[k])
+            loss = loss + self.weights[k] * part_loss
             metrics.update(part_metrics)
-        return loss, 1.0, metrics
+        return loss, metrics

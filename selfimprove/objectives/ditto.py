@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from selfimprove.objectives.base import IGNORE_INDEX, Objective, mean_metric
+from selfimprove.objectives.base import Objective, mean_metric
 from selfimprove.objectives.sft import SFT
 from selfimprove.stages import Context, Stage
 
@@ -134,7 +134,8 @@ class Ditto(Objective):
     `lam` is λ (`--rep_reduce_gamma`): 0.5 for language modelling, 0.9 for summarisation."""
 
     name = "ditto"
-    reads = ("rep_len",)
+    reads = ("rep_len",)  # the selector must write it (only the DITTO view's rows carry it)
+    scope = "sequence"
 
     def __init__(self, lam: float = 0.5, mle_probability: float = 0.5, temperature: float = 1.0) -> None:
         super().__init__(normalize="token", temperature=temperature)
@@ -153,41 +154,36 @@ class Ditto(Objective):
         self.mode = "mle" if (coin and mle) or not ditto else "ditto"
         return mle if self.mode == "mle" else ditto
 
-    def __call__(self, logits: Tensor, batch: dict):
+    def __call__(self, logps: Tensor, batch: dict, normalizer: float):
         # the batch says which view it is (only DITTO rows carry rep_len), so a call without
         # step_examples (a test, an evaluation) still computes the matching loss
-        if "rep_lens" not in batch:
-            loss, normalizer, sft_metrics = self.mle(logits, batch)
-            metrics = {
+        if "rep_len" not in batch:
+            loss, sft_metrics = self.mle(logps, batch, normalizer)
+            return loss, {
                 "ditto/mle_nll": sft_metrics["sft/nll"],
                 "ditto/step_is_ditto": mean_metric(torch.zeros(1)),
             }
-            return loss, normalizer, metrics
-        return self._ditto(logits, batch)
-
-    def _ditto(self, logits: Tensor, batch: dict):
-        mask = batch["labels"][:, 1:] != IGNORE_INDEX  # logits[:, s] predicts token s + 1
-        rows, cols = mask.nonzero(as_tuple=True)  # row-major, the order reduce() expects
+        # scope "sequence": column s holds token s + 1 of prompt + completion, so the same token one
+        # copy earlier sits rep_len columns before, inside the row (the prompt holds the first copy)
+        mask = batch["completion"]
+        rows, cols = mask.nonzero(as_tuple=True)
         metrics = {"ditto/step_is_ditto": mean_metric(torch.ones(1))}
         if rows.numel() == 0:
-            return logits.sum() * 0.0, self.normalizer([batch]), metrics
-        tokens = batch["labels"][:, 1:][rows, cols]
-        prev = cols - batch["rep_lens"].to(cols.device).long()[rows]  # same token, one copy earlier
-        # the earlier copy lies in the same row, after its first token (left padding before it)
-        inside = (prev >= 0) & (batch["attention_mask"][rows, prev.clamp(min=0)] > 0)
-        prev_tokens = batch["input_ids"][:, 1:][rows, prev.clamp(min=0)]
-        if not bool((inside & (prev_tokens == tokens)).all()):
+            return logps.sum() * 0.0, metrics
+        prev = cols - batch["rep_len"].to(cols.device).long()[rows]
+        inside = (prev >= 0) & batch["scored"][rows, prev.clamp(min=0)]
+        tokens = batch["tokens"]
+        if not bool((inside & (tokens[rows, prev.clamp(min=0)] == tokens[rows, cols])).all()):
             raise ValueError("ditto: a penalised token is not the same token rep_len positions earlier")
-        logp = self.label_logprobs(logits[rows, cols], tokens)
-        with torch.no_grad():  # sg(·): the target is the current model's probability one copy earlier
-            p_prev = self.label_logprobs(logits[rows, prev], tokens).exp()
-        p = logp.exp()
-        per_token = -torch.log((1.0 - (p - self.lam * p_prev).abs()).clamp(min=1e-5))
+        p = logps[rows, cols].exp()
+        p_prev = logps[rows, prev].detach().exp()  # sg(·): the current model's probability one copy earlier
+        per_token = torch.zeros_like(logps)
+        per_token[rows, cols] = -torch.log((1.0 - (p - self.lam * p_prev).abs()).clamp(min=1e-5))
         metrics.update(
             {
-                "ditto/loss": mean_metric(per_token),
+                "ditto/loss": mean_metric(per_token[rows, cols]),
                 "ditto/p_repeat": mean_metric(p),
                 "ditto/p_prev": mean_metric(p_prev),
             }
         )
-        return self.reduce(per_token, mask, batch), self.normalizer([batch]), metrics
+        return self.reduce(per_token, batch, normalizer), metrics

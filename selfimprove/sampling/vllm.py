@@ -5,9 +5,13 @@ tensor_parallel_size=1), samples its own prompts, sleeps while the trainer updat
 trainer's weights after each update (`push`), checked by a log-prob probe.
 
 Written against vLLM 0.33.0 (`VLLM_VERSION`; source read from its wheel): `vllm/entrypoints/llm.py`
-(LLM(...), LLM.generate, LLM.sleep/wake_up, LLM.apply_model, LLM.reset_prefix_cache),
-`vllm/sampling_params.py` (SamplingParams), `vllm/outputs.py` (RequestOutput, CompletionOutput),
-`vllm/logprobs.py` (Logprob), `vllm/config/model.py` (logprobs_mode, max_logprobs).
+(LLM(...), LLM.generate, LLM.sleep/wake_up, LLM.collective_rpc, LLM.reset_prefix_cache -> bool),
+`vllm/v1/worker/gpu_worker.py` (Worker.reload_weights: load_weights plus the post-load processing),
+`vllm/v1/executor/uniproc_executor.py` (external_launcher: the engine runs in the calling process,
+on the CUDA device set once in the thread that built it), `vllm/sampling_params.py` (SamplingParams:
+0 < T < 0.01 raised to 0.01, T > 2 and top_p outside (0, 1] refused), `vllm/outputs.py`
+(RequestOutput, CompletionOutput), `vllm/logprobs.py` (Logprob), `vllm/config/model.py` (dtype,
+max_model_len, logprobs_mode, max_logprobs).
 
 What differs from the hf backend (`selfimprove.sampling.hf`):
 - per-token `logprobs` are exact (vLLM's "processed_logprobs": after temperature and top-p, the
@@ -21,6 +25,7 @@ What differs from the hf backend (`selfimprove.sampling.hf`):
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
 import os
@@ -29,9 +34,10 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
+from omegaconf import DictConfig
 
-from selfimprove.config import ConfigError
 from selfimprove.sampling.hf import HFSampler, sequence_logprobs
+from selfimprove.sampling.vllm_checks import sampling_nodes
 
 VLLM_VERSION = "0.33.0"  # the vLLM release whose source this module was written against (commit g4ba787ec9)
 PROBE_SEED = 1234  # the probe's fixed token sequences come from this seed
@@ -203,12 +209,16 @@ def check_probe(diff: float, tolerance: float) -> float:
     return diff
 
 
-def run_with_deadline(fn: Callable[[], Any], seconds: float, what: str) -> Any:
-    """fn() in a worker thread; past `seconds` raises WeightSyncTimeout (the thread is abandoned)."""
+def run_with_deadline(fn: Callable[[], Any], seconds: float, what: str, device: int | None = None) -> Any:
+    """fn() in a worker thread; past `seconds` raises WeightSyncTimeout (the thread is abandoned).
+    `device`: the CUDA device fn's kernels run on. CUDA's current device is per thread and a new
+    thread starts on GPU 0, so it is set in the thread before fn runs."""
     box: dict[str, Any] = {}
 
     def target() -> None:
         try:
+            if device is not None:
+                torch.cuda.set_device(device)
             box["value"] = fn()
         except BaseException as e:  # re-raised in the caller
             box["error"] = e
@@ -228,17 +238,14 @@ def probe_sequences(vocab: int) -> list[list[int]]:
     return torch.randint(0, vocab, PROBE_SHAPE, generator=g).tolist()
 
 
-def check_backend(backend: str) -> None:
-    """sampler.backend: hf always; vllm only where vllm imports and a CUDA GPU is visible."""
-    if backend == "hf":
-        return
-    if backend != "vllm":
-        raise ConfigError(f"sampler.backend: {backend!r} is not hf|vllm")
-    from selfimprove.extras import require
-
-    require("vllm", "vllm", "sampler.backend=vllm")
-    if not torch.cuda.is_available():
-        raise ConfigError("sampler.backend=vllm needs a CUDA GPU")
+def max_model_len(cfg) -> int:
+    """The longest sequence the run asks vLLM for: the longest prompt (sampler.max_prompt_tokens; the
+    sampler refuses longer ones) plus the most new tokens any part asks for. Passed as vLLM's
+    max_model_len, which otherwise sizes for the model's whole context and refuses to start when
+    the KV cache at gpu_memory_utilization cannot hold one such sequence."""
+    new = [node.get("max_new_tokens") for _, node in sampling_nodes(cfg) if hasattr(node, "get")]
+    longest = int(cfg.sampler.max_prompt_tokens) + max(int(n) for n in new if n is not None)
+    return max(longest, PROBE_SHAPE[1] + 1)  # the probe: its tokens, then one generated
 
 
 # ---------------------------------------------------------------- the sampler
@@ -247,35 +254,52 @@ def check_backend(backend: str) -> None:
 class VLLMSampler:
     """HFSampler's interface on a colocated vLLM engine. The engine calls, per round:
     generate(...) → sleep() before the trainer's update → push(model) after it (wakes the engine).
+
+    vLLM holds one copy of the weights; `holds` names it ("policy" as loaded and after each push of
+    the trained weights, or what the engine pushed instead, e.g. the EMA), so the engine pushes
+    again only when a request asks for other weights.
     """
 
-    def __init__(self, tokenizer, model_path: str, cfg_sampler, seed: int = 0) -> None:
+    def __init__(
+        self,
+        tokenizer,
+        model_path: str,
+        cfg: DictConfig,
+        *,
+        autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
+    ) -> None:
         from selfimprove.extras import require
 
         vllm = require("vllm", "vllm", "sampler.backend=vllm")
-        self.cfg = cfg_sampler.vllm
+        self.cfg = cfg.sampler.vllm
         self.tokenizer = tokenizer
-        self.hf = HFSampler(tokenizer, cfg_sampler.max_prompt_tokens)  # encode() only
+        self.hf = HFSampler(tokenizer, cfg.sampler.max_prompt_tokens)  # encode() only
+        self.autocast = autocast  # the trainer's side of the probe runs as the trainer samples
         self._sampling_params = vllm.SamplingParams
-        for k, v in (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1")):
-            os.environ.setdefault(k, v)  # set by torchrun/accelerate; external_launcher reads them
-        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-        os.environ.setdefault("MASTER_PORT", "29500")
+        if "RANK" not in os.environ:  # one process: a world of one on a free port, not vLLM's 29500
+            from selfimprove.backends import _single_process_group
+
+            _single_process_group()
         topk = int(self.cfg.logprobs_topk)
+        self.max_model_len = max_model_len(cfg)
         self.llm = vllm.LLM(
             model=str(model_path),
+            dtype=cfg.model.dtype,  # vLLM's "auto" runs a float32 model in bf16 on CUDA
+            max_model_len=self.max_model_len,
             tensor_parallel_size=1,
             distributed_executor_backend="external_launcher",
-            seed=int(seed) + int(os.environ["RANK"]),
+            seed=int(cfg.seed) + int(os.environ["RANK"]),
             gpu_memory_utilization=float(self.cfg.gpu_memory_utilization),
             enable_sleep_mode=bool(self.cfg.sleep),
             enforce_eager=bool(self.cfg.enforce_eager),
             logprobs_mode="processed_logprobs",
             max_logprobs=-1 if topk < 0 else max(topk, 20),
         )
+        self.device = torch.cuda.current_device()  # set by vLLM in this thread; pushes run in another
         self.vocab = self.llm.model_config.get_vocab_size()
         self.asleep = False
         self.stale = False  # weights discarded by sleep(level=2) and not pushed since
+        self.holds = "policy"  # loaded from the policy's own folder: its weights until the first update
 
     def encode(self, problem) -> list[int]:
         return self.hf.encode(problem)
@@ -293,6 +317,12 @@ class VLLMSampler:
         record: bool = True,
     ) -> list[dict]:
         """As HFSampler.generate; `model` is ignored (vLLM holds its own copy, updated by push)."""
+        longest = max((len(p) for p in prompts), default=0) + max_new_tokens
+        if longest > self.max_model_len:
+            raise ValueError(
+                f"a {longest}-token sequence is longer than vLLM's max_model_len={self.max_model_len} "
+                "(sampler.max_prompt_tokens plus the most max_new_tokens the config asks for)"
+            )
         self.wake()
         groups = collapse_repeats(prompts)
         counts = [c for _, c in groups]
@@ -304,6 +334,7 @@ class VLLMSampler:
                 max_tokens=max_new_tokens,
                 seed=s,
                 logprobs=int(self.cfg.logprobs_topk) if record else None,
+                detokenize=False,  # rows_from_outputs decodes the cut completion itself
             )
             for c, s in zip(counts, request_seeds(seed, counts))
         ]
@@ -333,23 +364,29 @@ class VLLMSampler:
             self.llm.wake_up()
             self.asleep = False
 
-    def push(self, model) -> float:
-        """Loads the trainer's weights into vLLM and checks them with the probe; returns the probe's
-        max |log-prob difference| (logged as sampler/probe_max_abs_diff). Within sync_timeout_s."""
+    def push(self, model, holds: str = "policy") -> float:
+        """Loads `model`'s weights into vLLM and checks them with the probe; returns the probe's
+        max |log-prob difference| (logged as sampler/probe_max_abs_diff). Within sync_timeout_s, on
+        this process's CUDA device. `holds` names the weights pushed (see the class)."""
         timeout = float(self.cfg.sync_timeout_s)
-        return run_with_deadline(lambda: self._push(model), timeout, "vLLM weight push")
+        diff = run_with_deadline(lambda: self._push(model), timeout, "vLLM weight push", self.device)
+        self.holds = holds
+        return diff
 
     def _push(self, model) -> float:
+        self.holds = None  # half-pushed weights are nobody's
         if self.asleep:
             self.llm.wake_up(tags=["weights"])
         weights = list(merged_state_dict(model).items())
-        self.llm.apply_model(lambda m: m.load_weights(weights))
+        # reload_weights is load_weights plus vLLM's post-load processing (e.g. quantised layers)
+        self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": weights})
         if self.asleep:
             self.llm.wake_up(tags=["kv_cache"])
             self.asleep = self.stale = False
-        self.llm.reset_prefix_cache()  # cached prefixes hold the old weights' keys and values
+        if not self.llm.reset_prefix_cache():  # cached prefixes hold the old weights' keys and values
+            raise WeightSyncError("vLLM could not reset its prefix cache after the weight push")
         probe = probe_sequences(min(self.vocab, len(self.tokenizer)))
-        params = self._sampling_params(max_tokens=1, temperature=0.0, prompt_logprobs=0)
+        params = self._sampling_params(max_tokens=1, temperature=0.0, prompt_logprobs=0, detokenize=False)
         outs = self.llm.generate([{"prompt_token_ids": p} for p in probe], params, use_tqdm=False)
         ours = [
             [float(pos[t].logprob) for pos, t in zip(o.prompt_logprobs[1:], p[1:])]
@@ -359,7 +396,8 @@ class VLLMSampler:
         was_training = model.training
         model.eval()
         try:
-            theirs = sequence_logprobs(model, [p[:1] for p in probe], [p[1:] for p in probe], pad)
+            with self.autocast():  # in vLLM's dtype, as the trainer's own sampling runs
+                theirs = sequence_logprobs(model, [p[:1] for p in probe], [p[1:] for p in probe], pad)
         finally:
             model.train(was_training)
         return check_probe(probe_max_diff(ours, theirs), float(self.cfg.probe_tolerance))

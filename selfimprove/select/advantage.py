@@ -12,11 +12,36 @@ from __future__ import annotations
 
 import math
 import statistics
+from collections.abc import Sequence
 
 from selfimprove.metrics import votes
-from selfimprove.objectives.policy_gradient import ESTIMATORS, group_advantages
 from selfimprove.select.filters import by_prompt
 from selfimprove.stages import Context, Stage, score_of
+
+ESTIMATORS = ("grpo", "drgrpo", "rloo")
+
+
+def group_advantages(rewards: Sequence[float], estimator: str = "grpo", eps: float = 1e-4) -> list[float]:
+    """Advantages of one prompt's G samples.
+
+    grpo: (r − mean) / (std + eps), the unbiased std (n − 1) as trl uses; drgrpo: r − mean (Dr. GRPO
+    drops the std, which up-weights prompts the model nearly always or never solves); rloo: r minus
+    the mean of the *other* samples. A group whose rewards are all equal gets zeros."""
+    if estimator not in ESTIMATORS:
+        raise ValueError(f"estimator: {estimator!r} is not one of {'|'.join(ESTIMATORS)}")
+    g = len(rewards)
+    if g == 0:
+        return []
+    mean = sum(rewards) / g
+    if estimator == "rloo":
+        if g == 1:
+            return [0.0]
+        return [r - (g * mean - r) / (g - 1) for r in rewards]
+    centred = [r - mean for r in rewards]
+    if estimator == "drgrpo":
+        return centred
+    std = math.sqrt(sum(c * c for c in centred) / (g - 1)) if g > 1 else 0.0
+    return [c / (std + eps) for c in centred]
 
 
 def agreement(answers: list) -> float:

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from collections import defaultdict
 
-from selfimprove.objectives.policy_gradient import group_advantages
+from selfimprove.select.advantage import group_advantages
 from selfimprove.stages import Context, Stage, score_of
 
 
