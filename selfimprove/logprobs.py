@@ -23,7 +23,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from selfimprove.sampling.prefix import left_pad, positions
+from selfimprove.sampling.prefix import forward_inputs, left_pad
 
 SHARE = ("auto", "true", "false")
 
@@ -111,10 +111,7 @@ def per_row_logprobs(
     ids, attention = left_pad(sequences, pad)
     device = next(model.parameters()).device
     logits = model(
-        input_ids=ids.to(device),
-        attention_mask=attention.to(device),
-        position_ids=positions(attention).to(device),
-        logits_to_keep=width + 1,
+        **forward_inputs(ids, attention, device), logits_to_keep=width + 1
     ).logits  # [B, width + 1, V]: column k is sequence position L − width − 1 + k
     b, kept = logits.shape[0], logits.shape[1]
     tokens = torch.full((b, width), pad, dtype=torch.long)

@@ -11,6 +11,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from conftest import cfg_of
 from hydra import compose, initialize_config_dir
 
 from selfimprove.cli import CONFIG_DIR
@@ -282,17 +283,15 @@ def fake_vllm(monkeypatch):
     monkeypatch.setattr(os, "environ", dict(os.environ))  # the sampler sets RANK, MASTER_PORT, ...
     fake = SimpleNamespace(LLM=FakeLLM, SamplingParams=FakeSamplingParams)
     monkeypatch.setattr(extras, "require", lambda *args: fake)
-    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
-        return compose(
-            "config",
-            overrides=[
-                "sampler=vllm",
-                "model.dtype=bfloat16",
-                "sampler.max_prompt_tokens=100",
-                "sampler.max_new_tokens=8",
-                "eval.max_new_tokens=40",
-            ],
-        )
+    return cfg_of(
+        "sampler=vllm",
+        "model.dtype=bfloat16",
+        "sampler.max_prompt_tokens=100",
+        "sampler.max_new_tokens=8",
+        "eval.max_new_tokens=40",
+        recipe=None,
+        model=None,
+    )
 
 
 def test_vllm_gets_the_dtype_the_length_and_a_free_port(fake_vllm):
@@ -334,18 +333,16 @@ def test_push_runs_on_the_callers_device_reloads_and_checks_the_cache(fake_vllm)
 
 
 def vllm_cfg(tmp_path, *overrides):
-    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
-        return compose(
-            "config",
-            overrides=[
-                "sampler=vllm",
-                "model=hf",
-                f"model.path={tmp_path}",
-                "+verifiers.teacher._target_=selfimprove.verify.EMATeacher",
-                "ema.enabled=true",
-                *overrides,
-            ],
-        )
+    return cfg_of(
+        "sampler=vllm",
+        "model=hf",
+        f"model.path={tmp_path}",
+        "+verifiers.teacher._target_=selfimprove.verify.EMATeacher",
+        "ema.enabled=true",
+        *overrides,
+        recipe=None,
+        model=None,
+    )
 
 
 @pytest.mark.parametrize(

@@ -19,9 +19,9 @@ from selfimprove.sampling import decode
 from selfimprove.sampling.prefix import (
     CACHE,
     completion_logprobs,
+    forward_inputs,
     left_pad,
     plain_prefill,
-    positions,
     prompt_cache,
 )
 from selfimprove.sampling.static import (
@@ -33,16 +33,6 @@ from selfimprove.sampling.static import (
     round_up,
 )
 from selfimprove.verify.self_certainty import token_stats
-
-
-def forward_inputs(input_ids: torch.Tensor, attention: torch.Tensor, device) -> dict[str, torch.Tensor]:
-    """Model inputs for a left-padded batch, with positions counted from each sequence's first token
-    (as generate does), so models with absolute position embeddings see the same positions."""
-    return {
-        "input_ids": input_ids.to(device),
-        "attention_mask": attention.to(device),
-        "position_ids": positions(attention).to(device),
-    }
 
 
 class StatsRecorder(LogitsProcessor):

@@ -51,19 +51,23 @@ def left_pad(seqs: list[list[int]], pad: int, width: int | None = None) -> tuple
     return ids, mask
 
 
+def forward_inputs(input_ids: torch.Tensor, attention: torch.Tensor, device) -> dict[str, torch.Tensor]:
+    """Model inputs for a left-padded batch, with positions counted from each sequence's first token
+    (as generate does), so models with absolute position embeddings see the same positions."""
+    return {
+        "input_ids": input_ids.to(device),
+        "attention_mask": attention.to(device),
+        "position_ids": positions(attention).to(device),
+    }
+
+
 @torch.no_grad()
 def plain_prefill(model, prompts: list[list[int]], pad: int) -> PromptCache:
     """Every row's whole prompt, left-padded, in one pass: nothing shared (the baseline, and the
     fallback when nothing is)."""
     ids, mask = left_pad(prompts, pad)
     device = next(model.parameters()).device
-    out = model(
-        input_ids=ids.to(device),
-        attention_mask=mask.to(device),
-        position_ids=positions(mask).to(device),
-        use_cache=True,
-        logits_to_keep=1,
-    )
+    out = model(**forward_inputs(ids, mask, device), use_cache=True, logits_to_keep=1)
     return PromptCache(getattr(out, CACHE), ids, mask, out.logits[:, -1])
 
 
