@@ -81,10 +81,11 @@ class Scored:
     scored: Tensor  # [B, W] bool: a scored token
 
 
-def scored_span(prompt: list[int], completion: list[int], scope: str) -> int:
-    """Index of the first scored token of prompt + completion: the completion's first, or for
-    scope="sequence" (an objective that reads the prompt's tokens too) the sequence's second."""
-    return 1 if scope == "sequence" else len(prompt)
+def first_scored(prompt: list[int], scope: str) -> int:
+    """Index in prompt + completion of the first scored token: the completion's first, or for
+    scope="sequence" (an objective that reads the prompt's tokens too) the sequence's second (the
+    first token predicts nothing, so an empty prompt scores from the completion's second)."""
+    return 1 if scope == "sequence" else max(len(prompt), 1)
 
 
 def _gather(logits: Tensor, predictor: Tensor, tokens: Tensor, scored: Tensor, temperature: float) -> Tensor:
@@ -98,7 +99,7 @@ def _gather(logits: Tensor, predictor: Tensor, tokens: Tensor, scored: Tensor, t
 
 def _layout(rows: list[tuple[list[int], list[int]]], scope: str) -> tuple[list[list[int]], list[int], int]:
     sequences = [p + c for p, c in rows]
-    starts = [max(scored_span(p, c, scope), 1) for p, c in rows]  # the first token predicts nothing
+    starts = [first_scored(p, scope) for p, _ in rows]
     width = max([len(s) - b for s, b in zip(sequences, starts)] + [1])
     return sequences, starts, width
 
@@ -131,11 +132,17 @@ def per_row_logprobs(
 
 
 def tree_logprobs(
-    model, rows: list[tuple[list[int], list[int]]], pad: int, temperature: float, scope: str = "completion"
+    model,
+    rows: list[tuple[list[int], list[int]]],
+    pad: int,
+    temperature: float,
+    scope: str = "completion",
+    trie: Trie | None = None,
 ) -> Scored:
-    """The rows' sequences as one packed trie: every shared token computed once."""
+    """The rows' sequences as one packed trie (`trie`, when the caller built it): every shared token
+    computed once."""
     sequences, starts, width = _layout(rows, scope)
-    trie = Trie.of(sequences)
+    trie = trie or Trie.of(sequences)
     b = len(rows)
     tokens = torch.full((b, width), pad, dtype=torch.long)
     node = torch.full((b, width), -1, dtype=torch.long)  # the trie node predicting each scored token
@@ -165,9 +172,14 @@ def tree_logprobs(
     return Scored(logps, tokens.to(device), scored.to(device))
 
 
+def _config(model):
+    """The transformers config, also through a DDP or DeepSpeed wrapper (whose own `config` is
+    DeepSpeed's dict; peft forwards it)."""
+    return getattr(model, "module", model).config
+
+
 def _attention(model) -> str:
-    config = getattr(model, "config", None) or getattr(getattr(model, "module", None), "config", None)
-    return getattr(config, "_attn_implementation", None) or "eager"
+    return getattr(_config(model), "_attn_implementation", None) or "eager"
 
 
 def tree_supported(model) -> bool:
@@ -175,10 +187,10 @@ def tree_supported(model) -> bool:
     return _attention(model) in ("eager", "sdpa")
 
 
-def tree_is_cheaper(rows: list[tuple[list[int], list[int]]], hidden_size: int) -> bool:
+def tree_is_cheaper(trie: Trie, rows: list[tuple[list[int], list[int]]], hidden_size: int) -> bool:
     """Estimated cost per layer: ≈ 12·d² per token (projections and MLP) + 4·d per attended pair; the
     packed trie attends densely (N²), the padded rows over their width (B·L²)."""
-    nodes = len(Trie.of([p + c for p, c in rows]).tokens)
+    nodes = len(trie.tokens)
     length = max(len(p) + len(c) for p, c in rows)
     tree = nodes * 12 * hidden_size + nodes * nodes * 4
     padded = len(rows) * length * 12 * hidden_size + len(rows) * length * length * 4
@@ -193,13 +205,13 @@ def scored_logprobs(
     *,
     share: str = "auto",
     scope: str = "completion",
-    hidden_size: int = 0,
 ) -> Scored:
     """Log-probs of the scored tokens of (prompt, completion) rows by the path `share` picks."""
     if share not in SHARE:
         raise ValueError(f"trainer.share_prefix: {share!r} is not one of {'|'.join(SHARE)}")
-    use_tree = share == "true" or (
-        share == "auto" and tree_supported(model) and tree_is_cheaper(rows, hidden_size)
-    )
-    path = tree_logprobs if use_tree else per_row_logprobs
-    return path(model, rows, pad, temperature, scope)
+    if share == "false" or (share == "auto" and not tree_supported(model)):
+        return per_row_logprobs(model, rows, pad, temperature, scope)
+    trie = Trie.of(_layout(rows, scope)[0])
+    if share == "auto" and not tree_is_cheaper(trie, rows, _config(model).hidden_size):
+        return per_row_logprobs(model, rows, pad, temperature, scope)
+    return tree_logprobs(model, rows, pad, temperature, scope, trie)

@@ -26,7 +26,7 @@ import torch
 
 from selfimprove import backends, faults
 from selfimprove import distributed as dist
-from selfimprove.logprobs import scored_logprobs, scored_span
+from selfimprove.logprobs import first_scored, scored_logprobs
 
 
 class NonFiniteStepApplied(RuntimeError):
@@ -43,9 +43,9 @@ def collate(rows: list[dict], columns: tuple[str, ...], scope: str = "completion
     (the completion's tokens among the scored ones) and each of `columns` that every row carries,
     under its own name — a per-token list padded to [B, W] at the completion's tokens, a number
     stacked to [B]."""
-    spans = [(scored_span(r["prompt_ids"], r["completion_ids"], scope), r) for r in rows]
-    offsets = [max(len(r["prompt_ids"]) - max(start, 1), 0) for start, r in spans]
-    width = max([o + len(r["completion_ids"]) for o, (_, r) in zip(offsets, spans)] + [1])
+    # the completion's first token sits at this column of the scored ones
+    offsets = [max(len(r["prompt_ids"]) - first_scored(r["prompt_ids"], scope), 0) for r in rows]
+    width = max([o + len(r["completion_ids"]) for o, r in zip(offsets, rows)] + [1])
     completion = torch.zeros(len(rows), width, dtype=torch.bool)
     for i, (o, r) in enumerate(zip(offsets, rows)):
         completion[i, o : o + len(r["completion_ids"])] = True
@@ -76,7 +76,7 @@ def check_rows(rows: list[dict], columns: tuple[str, ...]) -> None:
 
 
 def micro_batch_loss(
-    model, rows: list[dict], objective, normalizer, *, pad: int, share: str = "auto", hidden_size: int = 0
+    model, rows: list[dict], objective, normalizer, *, pad: int, share: str = "auto"
 ) -> tuple[torch.Tensor, dict]:
     """One micro-batch's share of the step's loss, and its metrics: the scored tokens' log-probs (by
     the path `share` picks), the batch of the columns the objective reads, the objective."""
@@ -87,7 +87,6 @@ def micro_batch_loss(
         objective.temperature,
         share=share,
         scope=objective.scope,
-        hidden_size=hidden_size,
     )
     batch = {
         k: v.to(scored.logps.device) for k, v in collate(rows, columns_of(objective), objective.scope).items()
@@ -105,11 +104,13 @@ def step_batch(n_examples: int, batch_size: int, seed: int) -> list[int]:
 
 
 def micro_batches(rows: list[dict], size: int) -> list[list[dict]]:
-    """Rows grouped by prompt (first appearance order), the groups packed in order into micro-batches
-    of at most `size` rows; a group larger than `size` is split."""
-    groups: dict[tuple, list[dict]] = {}
+    """Rows grouped by problem (`prompt_id`, else the prompt's ids; first appearance order), the
+    groups packed in order into micro-batches of at most `size` rows; a group larger than `size` is
+    split. A problem's rows share its prompt, and a second attempt's prompt holds its first attempt:
+    together they share that prefix in the update's forward."""
+    groups: dict[object, list[dict]] = {}
     for r in rows:
-        groups.setdefault(tuple(r["prompt_ids"]), []).append(r)
+        groups.setdefault(r.get("prompt_id", tuple(r["prompt_ids"])), []).append(r)
     out: list[list[dict]] = [[]]
     for group in groups.values():
         for start in range(0, len(group), size):
@@ -162,7 +163,6 @@ def steps(
     batch_size = cfg.micro_batch_size * cfg.grad_accum
     world = dist.world()
     deepspeed = backends.is_deepspeed(accelerator)
-    hidden = getattr(engine.policy.config, "hidden_size", 0)
     share = str(cfg.share_prefix).lower()
     engine.before_update()
     model.train()
@@ -178,7 +178,7 @@ def steps(
                 torch.manual_seed(seed_of_step(step, j))  # dropout: the same masks on any number of ranks
                 with backends.accumulating(accelerator, model, last=i == len(mine) - 1):
                     loss, objective_metrics = micro_batch_loss(
-                        model, rows, objective, normalizer, pad=engine.pad, share=share, hidden_size=hidden
+                        model, rows, objective, normalizer, pad=engine.pad, share=share
                     )
                     if faults.nan_here(f"{fault}:s{step + 1}"):
                         loss = loss * float("nan")
@@ -202,9 +202,8 @@ def steps(
                     "(it checks only with bf16.check_grad_overflow / fp16); stopping before the EMA or a "
                     "checkpoint keeps it: resume=auto continues from the last checkpoint"
                 )
-            if (
-                not nonfinite and not deepspeed
-            ):  # a non-finite step would poison the weights, EMA, checkpoints
+            # a non-finite step would poison the weights, the EMA and checkpoints (DeepSpeed stepped above)
+            if not nonfinite and not deepspeed:
                 optimizer.step()
             scheduler.step()  # the schedule follows the step count either way
             optimizer.zero_grad(set_to_none=True)

@@ -122,7 +122,14 @@ def test_two_attempt_rollout_on_the_tiny_model():
     task = instantiate(cfg.task)
     problems = [task.train_problem(i) for i in range(2)]
     rollout = TwoAttempts("Check it and answer again.")
-    rows = rollout(engine, task, problems, 3, dict(max_new_tokens=4, temperature=1.0, top_p=1.0, weights="policy"), seed=5)
+    rows = rollout(
+        engine,
+        task,
+        problems,
+        3,
+        dict(max_new_tokens=4, temperature=1.0, top_p=1.0, weights="policy"),
+        seed=5,
+    )
     assert [r["turn"] for r in rows] == [1, 2] * 6
     assert len({tuple(r) for r in rows}) == 1  # the same columns in every row (one Parquet schema)
     for first, second in zip(rows[::2], rows[1::2]):
@@ -132,7 +139,14 @@ def test_two_attempt_rollout_on_the_tiny_model():
         assert "Check it and answer again." in text and first["completion"] in text
         assert text.endswith(first["prefill"])  # the second answer starts with the same prefill
         assert len(second["logprobs"]) == len(second["completion_ids"])
-    again = rollout(engine, task, problems, 3, dict(max_new_tokens=4, temperature=1.0, top_p=1.0, weights="policy"), seed=5)
+    again = rollout(
+        engine,
+        task,
+        problems,
+        3,
+        dict(max_new_tokens=4, temperature=1.0, top_p=1.0, weights="policy"),
+        seed=5,
+    )
     assert [r["completion_ids"] for r in again] == [r["completion_ids"] for r in rows]  # seeded
 
 

@@ -158,13 +158,17 @@ def test_micro_batches_keep_a_prompts_rows_together():
     batches = micro_batches(rows, 4)
     assert [[r["i"] for r in b] for b in batches] == [[0, 2, 5], [1, 4, 3, 6]]
     assert sum(len(b) for b in micro_batches(rows, 2)) == len(rows)  # a large group is split
+    # a problem's two attempts (other prompts, one prompt_id) stay together
+    episode = [{"prompt_ids": [1], "prompt_id": "a"}, {"prompt_ids": [2], "prompt_id": "b"}]
+    episode += [{"prompt_ids": [1, 5, 9], "prompt_id": "a"}]
+    assert [[r["prompt_id"] for r in b] for b in micro_batches(episode, 2)] == [["a", "a"], ["b"]]
 
 
 def test_auto_picks_the_tree_for_shared_prompts_and_rows_for_long_distinct_ones():
     model, tok = tiny_model()
     rows = [(r["prompt_ids"], r["completion_ids"]) for r in group_rows(tok)]
-    assert tree_is_cheaper(rows, model.config.hidden_size)
+    assert tree_is_cheaper(Trie.of([p + c for p, c in rows]), rows, model.config.hidden_size)
     long_distinct = [([i + 1] * 3, list(range(10, 400))) for i in range(4)]
-    assert not tree_is_cheaper(long_distinct, 4)
+    assert not tree_is_cheaper(Trie.of([p + c for p, c in long_distinct]), long_distinct, 4)
     with pytest.raises(ValueError, match="share_prefix"):
         scored_logprobs(model, rows, tok.pad_token_id, 1.0, share="maybe")

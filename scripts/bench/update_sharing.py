@@ -55,7 +55,6 @@ def forward_backward(engine, objective, rows: list[dict], micro_batch_size: int,
     model = engine.model
     model.train()
     model.zero_grad(set_to_none=True)
-    hidden = engine.policy.config.hidden_size
     sync = torch.cuda.synchronize if engine.device.type == "cuda" else (lambda: None)
     sync()
     t0 = time.perf_counter()
@@ -68,7 +67,6 @@ def forward_backward(engine, objective, rows: list[dict], micro_batch_size: int,
                 objective.normalizer(rows),
                 pad=engine.pad,
                 share=share,
-                hidden_size=hidden,
             )
             loss.backward()
     sync()

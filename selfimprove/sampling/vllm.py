@@ -37,11 +37,10 @@ import torch
 from omegaconf import DictConfig
 
 from selfimprove.sampling.hf import HFSampler, sequence_logprobs
-from selfimprove.sampling.vllm_checks import sampling_nodes
+from selfimprove.sampling.vllm_checks import PROBE_SHAPE, max_model_len
 
 VLLM_VERSION = "0.33.0"  # the vLLM release whose source this module was written against (commit g4ba787ec9)
 PROBE_SEED = 1234  # the probe's fixed token sequences come from this seed
-PROBE_SHAPE = (4, 24)  # probe sequences × tokens
 
 
 class WeightSyncError(RuntimeError):
@@ -236,16 +235,6 @@ def run_with_deadline(fn: Callable[[], Any], seconds: float, what: str, device: 
 def probe_sequences(vocab: int) -> list[list[int]]:
     g = torch.Generator().manual_seed(PROBE_SEED)
     return torch.randint(0, vocab, PROBE_SHAPE, generator=g).tolist()
-
-
-def max_model_len(cfg) -> int:
-    """The longest sequence the run asks vLLM for: the longest prompt (sampler.max_prompt_tokens; the
-    sampler refuses longer ones) plus the most new tokens any part asks for. Passed as vLLM's
-    max_model_len, which otherwise sizes for the model's whole context and refuses to start when
-    the KV cache at gpu_memory_utilization cannot hold one such sequence."""
-    new = [node.get("max_new_tokens") for _, node in sampling_nodes(cfg) if hasattr(node, "get")]
-    longest = int(cfg.sampler.max_prompt_tokens) + max(int(n) for n in new if n is not None)
-    return max(longest, PROBE_SHAPE[1] + 1)  # the probe: its tokens, then one generated
 
 
 # ---------------------------------------------------------------- the sampler

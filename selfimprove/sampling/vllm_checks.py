@@ -1,5 +1,6 @@
-"""Config-time checks of sampler.backend=vllm, apart from the sampler (which builds vLLM's engine):
-what vLLM 0.33.0 accepts, read from its `vllm/sampling_params.py`, and what it needs installed."""
+"""Config-time reading of sampler.backend=vllm, apart from the sampler (which builds vLLM's engine):
+what vLLM 0.33.0 accepts, read from its `vllm/sampling_params.py`, what it needs installed, and the
+longest sequence the run will ask of it."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ from typing import Any
 from selfimprove.errors import ConfigError
 
 MIN_TEMPERATURE, MAX_TEMPERATURE = 0.01, 2.0  # what vLLM samples at as asked
+PROBE_SHAPE = (4, 24)  # the weight-push probe: sequences × tokens
 
 
 def sampling_nodes(cfg) -> Iterator[tuple[str, Any]]:
@@ -54,3 +56,13 @@ def check_backend(backend: str) -> None:
     require("vllm", "vllm", "sampler.backend=vllm")
     if not torch.cuda.is_available():
         raise ConfigError("sampler.backend=vllm needs a CUDA GPU")
+
+
+def max_model_len(cfg) -> int:
+    """The longest sequence the run asks vLLM for: the longest prompt (sampler.max_prompt_tokens; the
+    sampler refuses longer ones) plus the most new tokens any part asks for. Passed as vLLM's
+    max_model_len, which otherwise sizes for the model's whole context and refuses to start when
+    the KV cache at gpu_memory_utilization cannot hold one such sequence."""
+    new = [node.get("max_new_tokens") for _, node in sampling_nodes(cfg) if hasattr(node, "get")]
+    longest = int(cfg.sampler.max_prompt_tokens) + max(int(n) for n in new if n is not None)
+    return max(longest, PROBE_SHAPE[1] + 1)  # the probe: its tokens, then one generated
