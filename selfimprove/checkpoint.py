@@ -12,16 +12,13 @@ unpickled.
 
 from __future__ import annotations
 
-import ast
 import json
 import os
-import random
 import shutil
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
@@ -58,14 +55,6 @@ def read_table(path: Path) -> list[dict]:
     return pq.read_table(path).to_pylist()
 
 
-def _rng_state() -> dict[str, Any]:
-    return {
-        "torch": torch.get_rng_state(),
-        "python": random.getstate(),
-        "numpy": np.random.get_state(),
-    }
-
-
 def save(
     run_dir: Path,
     name: str,
@@ -77,7 +66,8 @@ def save(
     journal: dict[str, Any],
     keep: int = 2,
 ) -> Path:
-    """Collective: every rank calls it; rank 0 writes the shared state, each rank its RNG.
+    """Collective: every rank calls it; rank 0 writes the state. No RNG state is saved: every unit of
+    work seeds its own generator from the run's seed (`dist.derive_seed`), so none is needed to resume.
 
     `optimizer.state_dict()` runs on every rank (gathering a sharded optimizer is collective); None
     means the optimizer writes its own per-rank shards instead (DeepSpeed: `write_shards(folder)`)."""
@@ -97,10 +87,6 @@ def save(
     dist.barrier()
     if optimizer_state is None:
         optimizer.write_shards(tmp / SHARDS)
-    rng = _rng_state()
-    rng["python"] = repr(rng["python"])  # a plain tuple of ints: saved as text, not pickled
-    rng["numpy"] = {"state": torch.from_numpy(rng["numpy"][1].astype(np.int64)), "pos": rng["numpy"][2]}
-    torch.save(rng, tmp / f"rng-rank{dist.rank()}.pt")
     dist.barrier()
     faults.point(f"checkpoint:{name}")
     if dist.is_main():
@@ -176,10 +162,11 @@ def load_latest(
     run_dir: Path, *, optimizer: torch.optim.Optimizer | None, scheduler: Any | None
 ) -> tuple[Path, dict[str, Any]] | None:
     """Collective. Restores the newest readable checkpoint: every file of a candidate is read before
-    anything is applied, and every rank takes the same one. Restores optimizer, scheduler and this
-    rank's RNG in place (none of them with optimizer=None, e.g. for evaluation); returns (folder,
-    {"weights", "ema", "journal"}), None when the run has no checkpoint, and raises CheckpointError
-    when it has some but none is readable (starting over would reuse rounds/ of lost weights)."""
+    anything is applied, and every rank takes the same one. Restores optimizer and scheduler in place
+    (neither with optimizer=None, e.g. for evaluation; an older checkpoint's rng-rank*.pt is ignored);
+    returns (folder, {"weights", "ema", "journal"}), None when the run has no checkpoint, and raises
+    CheckpointError when it has some but none is readable (starting over would reuse rounds/ of lost
+    weights)."""
     failed: list[str] = []
     for path in candidates(run_dir):
         try:
@@ -202,7 +189,7 @@ def load_latest(
 
 def _read(path: Path, *, training: bool) -> dict[str, Any]:
     """Every file of a checkpoint, fully, into memory; the journal last (the file a test tears)."""
-    ema, rng = path / "ema.safetensors", path / f"rng-rank{dist.rank()}.pt"
+    ema = path / "ema.safetensors"
     state: dict[str, Any] = {
         "weights": _read_file(path / "model.safetensors", load_file),
         "ema": _read_file(ema, load_file) if ema.exists() else None,
@@ -212,8 +199,6 @@ def _read(path: Path, *, training: bool) -> dict[str, Any]:
         sharded = (path / SHARDS).is_dir()
         state["optimizer"] = None if sharded else _read_file(path / "optimizer.pt", _torch_load)
         state["scheduler"] = _read_file(path / "scheduler.pt", _torch_load)
-        # absent when resuming on more ranks than were saved
-        state["rng"] = _read_file(rng, _torch_load) if rng.exists() else None
     state["journal"] = _read_file(path / "journal.json", lambda f: json.loads(f.read_text()))
     if not isinstance(state["journal"], dict):
         raise CheckpointError("journal.json: not a JSON object")
@@ -236,8 +221,3 @@ def _apply(state: dict[str, Any], optimizer: torch.optim.Optimizer, scheduler: A
     if state["optimizer"] is not None:
         optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
-    rng = state["rng"]
-    if rng is not None:
-        torch.set_rng_state(rng["torch"])
-        random.setstate(ast.literal_eval(rng["python"]))
-        np.random.set_state(("MT19937", rng["numpy"]["state"].numpy().astype(np.uint32), rng["numpy"]["pos"]))

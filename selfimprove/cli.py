@@ -76,7 +76,7 @@ def _train_app(cfg: DictConfig) -> None:
         cfg.run.dir = str(Path(cfg.run.dir) / hc.sweep.subdir)
     # Exit here rather than raise: Hydra adds a line of its own to errors raised by a job.
     try:
-        check(cfg)
+        plan = check(cfg)  # the parts built for the check are the ones the run uses
     except _CONFIG_ERRORS as e:
         _fail(e)
     from selfimprove.loop import run
@@ -85,7 +85,7 @@ def _train_app(cfg: DictConfig) -> None:
     from selfimprove.checkpoint import CheckpointError
 
     try:
-        run(cfg)
+        run(cfg, plan)
     except ConfigError as e:  # found by the run itself, e.g. a resume that would change the experiment
         _fail(e)
     except CheckpointError as e:

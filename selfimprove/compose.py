@@ -17,6 +17,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from omegaconf.errors import OmegaConfBaseException
 
 from selfimprove.config import ConfigError, register, validate_targets
+from selfimprove.parts import Plan
 
 
 def _config_dir() -> str:
@@ -28,12 +29,13 @@ def _config_dir() -> str:
 CONFIG_DIR = _config_dir()
 
 
-def check(cfg: DictConfig) -> None:
-    """Everything that can be checked before a model loads; raises ConfigError naming the key."""
+def check(cfg: DictConfig) -> Plan:
+    """Everything that can be checked before a model loads; raises ConfigError naming the key. Returns
+    the run's parts, built for the check, for the loop to run with."""
     missing = sorted(OmegaConf.missing_keys(cfg))
     if missing:
         raise ConfigError(f"{missing[0]}: missing value (set it: {missing[0]}=...)")
-    validate_targets(cfg)
+    return validate_targets(cfg)
 
 
 def compose_config(overrides: list[str], config_dir: str = CONFIG_DIR) -> DictConfig:
@@ -185,14 +187,3 @@ def one_line_errors(command: str) -> Iterator[None]:
     except (CommandError, CheckpointError) as e:
         print(f"{command}: {e}", file=sys.stderr)
         sys.exit(1)
-
-
-def restore(engine, run_dir: Path, weights: str, flag: str = "--weights ema") -> Path:
-    """Loads the run's newest checkpoint into the engine; refuses EMA weights the run did not keep
-    (the engine would otherwise hold an average that never moved from the base)."""
-    found = engine.restore(run_dir)
-    if found is None:
-        raise CommandError(f"{run_dir} has no checkpoint")
-    if weights == "ema" and (engine.ema is None or not (found[0] / "ema.safetensors").exists()):
-        raise CommandError(f"{flag} but the run kept no EMA")
-    return found[0]

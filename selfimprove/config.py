@@ -22,6 +22,7 @@ from omegaconf import DictConfig, OmegaConf
 # its own module: the checks below call into backends.py and sampling/vllm.py, which raise it too;
 # `from selfimprove.config import ConfigError` keeps working
 from selfimprove.errors import ConfigError
+from selfimprove.parts import Plan, build_node, build_parts, build_rollout
 
 
 @dataclass
@@ -219,8 +220,9 @@ def _check_target(path: str, node: dict) -> None:
             raise ConfigError(f"{path}.{key}: {value!r} is not a valid {want} for {target}")
 
 
-def validate_targets(cfg: DictConfig) -> None:
-    """Check every `_target_` node's keys and simple types against its signature."""
+def validate_targets(cfg: DictConfig) -> Plan:
+    """Check every `_target_` node's keys and simple types against its signature; returns the parts
+    built to check their columns, for the loop to run with."""
     container = OmegaConf.to_container(cfg, resolve=True)
 
     def walk(path: str, node: Any) -> None:
@@ -235,13 +237,13 @@ def validate_targets(cfg: DictConfig) -> None:
     for group in ("task", "selector", "objective"):
         if not isinstance(container.get(group), dict) or "_target_" not in container[group]:
             raise ConfigError(f"{group}: missing (choose one with {group}=NAME)")
-    check_stage_columns(container)
-    for entry in schedule(cfg):  # every stage of a schedule is checked like the base config
+    entries = schedule(cfg)
+    for entry in entries:  # every stage of a schedule is checked like the base config
         scheduled = OmegaConf.to_container(entry.cfg, resolve=True)
         for group in SCHEDULED:
             if group in entry.overrides:
                 walk(f"schedule.{entry.name}.{group}", scheduled[group])
-        check_stage_columns(scheduled)
+    plan = build_plan(cfg, entries)
     from selfimprove.sampling.vllm_checks import check_backend, check_sampling_values
 
     if cfg.sampler.backend == "vllm":
@@ -264,6 +266,7 @@ def validate_targets(cfg: DictConfig) -> None:
             raise ConfigError(f"ema.evaluate: {which!r} is not raw|ema")
     if (cfg.ema.sample_from == "ema" or "ema" in cfg.ema.evaluate) and not cfg.ema.enabled:
         raise ConfigError("ema.sample_from/ema.evaluate use 'ema' but ema.enabled is false")
+    return plan
 
 
 SCHEDULED = ("verifiers", "selector", "objective")
@@ -348,41 +351,25 @@ def check_trainable(cfg: DictConfig) -> None:
         raise ConfigError(f"trainer.share_prefix: {cfg.trainer.share_prefix!r} is not auto|true|false")
 
 
-def check_stage_columns(container: dict) -> None:
-    """The stages are built (cheap: none loads a model when built) to read their declared columns:
-    a selector reading a score no verifier writes fails here, naming both."""
-    from hydra.utils import instantiate
-
-    from selfimprove.stages import check_columns
-
-    scorers = [_build(f"verifiers.{k}", v, instantiate) for k, v in container.get("verifiers", {}).items()]
-    selector = _build("selector", container["selector"], instantiate)
-    objective = _build("objective", container["objective"], instantiate)
-    rollout = _build("rollout", container["rollout"], instantiate) if container.get("rollout") else None
-    try:
-        check_columns(scorers, selector, objective, getattr(rollout, "writes", ()))
-    except ValueError as e:
-        raise ConfigError(str(e)) from None
+def build_plan(cfg: DictConfig, entries: list[ScheduleEntry] | None = None) -> Plan:
+    """The run's parts, built once (cheap: no stage loads a model when built) and checked for the
+    columns they read: the base config's, and each schedule entry's (which the rounds then use)."""
+    base = OmegaConf.to_container(cfg, resolve=True)
+    rollout = build_rollout(base.get("rollout"))
+    entries = schedule(cfg) if entries is None else entries
+    base_parts = build_parts(base, rollout)  # checked even when a schedule replaces it
+    by_entry = {e.index: build_parts(OmegaConf.to_container(e.cfg, resolve=True), rollout) for e in entries}
+    return Plan(entries, by_entry or {None: base_parts}, rollout)
 
 
 def build_stages(nodes: dict[str, Any], task: Any) -> dict[str, Any]:
     """Stages by config path, built and checked against the task (curation's real data needs
     references) before any model loads; a ConfigError names the path."""
-    from hydra.utils import instantiate
-
     stages = {}
     for path, node in nodes.items():
-        stages[path] = _build(path, node, instantiate)
+        stages[path] = build_node(path, node)
         try:
             stages[path].check(task)
         except ValueError as e:
             raise ConfigError(f"{path}: {e}") from None
     return stages
-
-
-def _build(path: str, node: dict, instantiate):
-    try:
-        return instantiate(node)
-    except Exception as e:  # the stage's own check of its arguments
-        cause = e.__cause__ or e
-        raise ConfigError(f"{path}: {cause}") from None

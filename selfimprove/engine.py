@@ -262,14 +262,22 @@ class Engine:
             journal={**journal, "world": dist.world(), "backend": self.cfg.launcher.backend},
         )
 
-    def restore(self, run_dir: Path) -> tuple[Path, dict] | None:
-        """Loads the newest readable checkpoint of a run (weights, EMA, and with an optimizer its state
-        and the RNG); returns (its folder, its journal), or None when the run has none."""
+    def restore(self, run_dir: Path, weights: str | None = None) -> tuple[Path, dict] | None:
+        """Loads the newest readable checkpoint of a run (weights, EMA, and with an optimizer its
+        state); returns (its folder, its journal), or None when the run has none.
+
+        `weights` names what a command will use (sample, export: policy | base | ema). Given, a run
+        without a checkpoint, or `ema` from one that kept none, is a CheckpointError: the engine would
+        otherwise hold the base model, or an average that never moved from it."""
         optimizer = OptimizerState(self) if self.optimizer is not None else None
         found = checkpoint.load_latest(run_dir, optimizer=optimizer, scheduler=self.scheduler)
         if found is None:
+            if weights is not None:
+                raise checkpoint.CheckpointError(f"{run_dir} has no checkpoint")
             return None
         path, state = found
+        if weights == "ema" and (self.ema is None or state["ema"] is None):
+            raise checkpoint.CheckpointError("weights=ema but the run kept no EMA")
         backends.scatter(self.trained, state["weights"])
         if optimizer is not None and (path / checkpoint.SHARDS).is_dir():
             optimizer.read_shards(path / checkpoint.SHARDS, state["journal"])

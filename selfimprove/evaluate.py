@@ -19,8 +19,10 @@ from selfimprove import distributed as dist
 from selfimprove import phases
 from selfimprove.ema import engine_weights
 from selfimprove.metrics import eval_summary
+from selfimprove.parts import build_rollout
 from selfimprove.repetition import perplexity, text_metrics
 from selfimprove.rollout import OneTurn
+from selfimprove.stages import Context
 
 
 def eval_key(cfg: DictConfig) -> str:
@@ -37,49 +39,47 @@ def eval_key(cfg: DictConfig) -> str:
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:10]
 
 
-def build_rollout(cfg: DictConfig) -> OneTurn:
-    """The configured rollout (a run saved before rollouts were configurable: one turn)."""
-    from hydra.utils import instantiate
-
-    return instantiate(cfg.rollout) if cfg.get("rollout") else OneTurn()
-
-
 def evaluate(
     cfg: DictConfig,
     folder: Path,
     *,
     task,
     engine,
+    rollout: OneTurn | None = None,
     with_k: bool = True,
     should_stop: Callable[[], bool] = lambda: False,
     fault: str = "",
 ) -> dict | None:
-    """Metrics named eval/* (raw weights) and eval_ema/* (EMA weights); None if stopped by a signal."""
+    """Metrics named eval/* (raw weights) and eval_ema/* (EMA weights); None if stopped by a signal.
+    `rollout`: the run's (built once by the loop); by default the config's."""
     out: dict = {}
     problems = task.eval_problems(cfg.eval.n_problems)
     folder = folder / eval_key(cfg)
-    common = dict(
-        engine=engine,
-        task=task,
-        batch_size=cfg.eval.batch_size,
-        timer={},
-        should_stop=should_stop,
-        fault=fault,
-        rollout=build_rollout(cfg),
+    rollout = rollout or build_rollout(
+        OmegaConf.to_container(cfg.rollout, resolve=True) if cfg.get("rollout") else None
     )
+
+    def draw(name: str, problems: list, n: int, gen: dict, seed_of_unit: Callable[[int], int], desc: str):
+        """n rollouts per problem into folder/name, unit by unit (the loop's own sampling code)."""
+        return phases.sample_units(
+            folder / name,
+            problems,
+            rollout,
+            n,
+            gen,
+            context_of_unit=lambda u: Context(engine, task, seed_of_unit(u), cfg.eval.batch_size),
+            should_stop=should_stop,
+            desc=desc,
+            fault=fault,
+        )
+
     for which in cfg.ema.evaluate:  # raw | ema: the folder and metric names; the engine's name passed
         weights = engine_weights(which)
         if weights == "ema":
             engine.share_ema()  # collective: before the units, which ranks split
         gen = dict(max_new_tokens=cfg.eval.max_new_tokens, record=False, weights=weights)
-        greedy = phases.sample_units(
-            folder / f"{which}-greedy",
-            problems,
-            n=1,
-            gen={**gen, "greedy": True},
-            seed_of_unit=lambda u: 0,
-            desc=f"eval {which} greedy",
-            **common,
+        greedy = draw(
+            f"{which}-greedy", problems, 1, {**gen, "greedy": True}, lambda u: 0, f"eval {which} greedy"
         )
         if greedy is None:
             return None
@@ -90,29 +90,21 @@ def evaluate(
             continue
         sampled: list[dict] = []
         if cfg.eval.k > 0 and with_k:
-            sampled = phases.sample_units(
-                folder / f"{which}-k{cfg.eval.k}",
+            sampled = draw(
+                f"{which}-k{cfg.eval.k}",
                 problems[: cfg.eval.k_problems],
-                n=cfg.eval.k,
-                gen={**gen, "temperature": cfg.eval.temperature},
-                seed_of_unit=lambda u: dist.derive_seed(cfg.seed, "eval", u),
-                desc=f"eval {which} k={cfg.eval.k}",
-                **common,
+                cfg.eval.k,
+                {**gen, "temperature": cfg.eval.temperature},
+                lambda u: dist.derive_seed(cfg.seed, "eval", u),
+                f"eval {which} k={cfg.eval.k}",
             )
             if sampled is None:
                 return None
         out.update({prefix + k: v for k, v in eval_summary(greedy, sampled, cfg.eval.k).items()})
     if cfg.eval.dev_problems > 0:  # the problems after the test ones: never the ones reported
         dev = task.eval_problems(cfg.eval.n_problems + cfg.eval.dev_problems)[cfg.eval.n_problems :]
-        greedy = phases.sample_units(
-            folder / "raw-dev",
-            dev,
-            n=1,
-            gen=dict(max_new_tokens=cfg.eval.max_new_tokens, record=False, weights="policy", greedy=True),
-            seed_of_unit=lambda u: 0,
-            desc="eval dev",
-            **common,
-        )
+        gen = dict(max_new_tokens=cfg.eval.max_new_tokens, record=False, weights="policy", greedy=True)
+        greedy = draw("raw-dev", dev, 1, gen, lambda u: 0, "eval dev")
         if greedy is None:
             return None
         out["dev/accuracy"] = eval_summary(greedy, [], 0)["accuracy"]
@@ -159,6 +151,6 @@ def evaluate_run(cfg: DictConfig, run_dir: Path | None) -> dict:
         cfg.ema.evaluate = ["raw"]
     task = instantiate(cfg.task)
     with tempfile.TemporaryDirectory() as tmp:  # fresh shards: weights may differ from the run's
-        metrics = evaluate(cfg, Path(tmp), task=task, engine=engine)
+        metrics = evaluate(cfg, Path(tmp), task=task, engine=engine)  # the config's rollout
     metrics["checkpoint"] = str(found[0]) if found else None
     return metrics

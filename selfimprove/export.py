@@ -15,7 +15,7 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
-from selfimprove.compose import CommandError, load_config, one_line_errors, restore, split_args
+from selfimprove.compose import CommandError, load_config, one_line_errors, split_args
 
 # --- export -----------------------------------------------------------------------------------------
 
@@ -148,7 +148,7 @@ def export(
     if latest(run_dir) is None:  # before loading any model
         raise CommandError(f"{run_dir} has no checkpoint")
     engine = Engine(cfg, train=False)
-    checkpoint = restore(engine, run_dir, weights)
+    checkpoint = engine.restore(run_dir, weights)[0]
 
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = out_dir.with_name(f".{out_dir.name}.tmp-{os.getpid()}")

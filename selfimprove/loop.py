@@ -21,14 +21,15 @@ from omegaconf import DictConfig, OmegaConf
 
 from selfimprove import checkpoint, faults, phases, train
 from selfimprove import distributed as dist
-from selfimprove.config import ConfigError, build_stages, check_trainable, schedule, scheduled
+from selfimprove.config import ConfigError, build_plan, check_trainable, scheduled
 from selfimprove.ema import engine_weights
 from selfimprove.engine import Engine
 from selfimprove.evaluate import evaluate, select_round
 from selfimprove.logging import MetricsLogger, progress, trim_metrics
 from selfimprove.metrics import summarize_round
+from selfimprove.parts import Parts, Plan
 from selfimprove.resume import resume_diff
-from selfimprove.stages import Context, Scorer, order_stages
+from selfimprove.stages import Context, Scorer
 
 _stop = {"requested": False}
 
@@ -63,22 +64,6 @@ def prepare_run_dir(cfg: DictConfig) -> Path:
 
 
 @dataclass
-class Parts:
-    """What verifies, selects and trains in a round: the same every round, or per schedule entry."""
-
-    scorers: list
-    selector: object
-    objective: object
-
-
-def build_parts(cfg: DictConfig, task) -> Parts:
-    nodes = {f"verifiers.{k}": v for k, v in cfg.verifiers.items()}
-    stages = build_stages({**nodes, "selector": cfg.selector}, task)
-    selector = stages.pop("selector")
-    return Parts(order_stages(list(stages.values())), selector, instantiate(cfg.objective))
-
-
-@dataclass
 class Round:
     """What one round's phases share: where they write, and what they measured, and its parts."""
 
@@ -97,7 +82,8 @@ class Round:
 
 
 class Loop:
-    def __init__(self, cfg: DictConfig) -> None:
+    def __init__(self, cfg: DictConfig, plan: Plan | None = None) -> None:
+        """`plan`: the parts the config check built (`compose.check`); built here when not given."""
         self.cfg = cfg
         check_trainable(cfg)
         try:  # the data before the run folder: a bad file must not leave a run to resume
@@ -109,18 +95,10 @@ class Loop:
         except ValueError as e:
             raise ConfigError(f"eval.n_problems={cfg.eval.n_problems}: {e}") from None
         # checked against the task before the run folder too: the parts of every stage of the schedule
-        self.schedule = schedule(cfg)
-        self.parts = {e.index: build_parts(e.cfg, self.task) for e in self.schedule} or {
-            None: build_parts(cfg, self.task)
-        }
-        self.rollout = instantiate(cfg.rollout)
-        try:
-            self.rollout.check(self.task)
-        except ValueError as e:
-            raise ConfigError(f"rollout: {e}") from None
+        self.plan = plan or build_plan(cfg)
+        self.plan.check(self.task)
         self.run_dir = prepare_run_dir(cfg)
-        needs_base = any(s.needs_reference for p in self.parts.values() for s in (*p.scorers, p.selector))
-        self.engine = Engine(cfg, train=True, reference=needs_base)
+        self.engine = Engine(cfg, train=True, reference=self.plan.needs_reference)
         self.journal = {"round": 0, "phase": "evaluate", "update_step": 0, "global_step": 0}
         if cfg.resume == "auto" and (found := self.engine.restore(self.run_dir)) is not None:
             self.journal = found[1]
@@ -146,14 +124,10 @@ class Loop:
             rows = phases.sample_units(
                 r.folder / "samples",
                 problems,
-                engine=self.engine,
-                task=self.task,
-                rollout=self.rollout,
-                n=cfg.sampler.n,
-                batch_size=cfg.sampler.batch_size,
-                gen={**phases.generation_options(cfg.sampler), "weights": weights},
-                seed_of_unit=lambda u: dist.derive_seed(cfg.seed, r.number, "sample", u),
-                timer=r.compute,
+                self.plan.rollout,
+                cfg.sampler.n,
+                {**phases.generation_options(cfg.sampler), "weights": weights},
+                context_of_unit=lambda u: self.context(r, "sample", u),
                 should_stop=should_stop,
                 desc=f"round {r.number} sample",
                 fault=f"sample:r{r.number}",
@@ -163,32 +137,36 @@ class Loop:
         return rows
 
     def context(self, r: Round, *parts: object) -> Context:
-        """What a stage may ask for, seeded by (seed, round, *parts)."""
+        """What a stage (or the rollout) may ask for, seeded by (seed, round, *parts); its time
+        generating and scoring counts in the round's compute seconds."""
         seed = dist.derive_seed(self.cfg.seed, r.number, *parts)
         return Context(self.engine, self.task, seed, self.cfg.sampler.batch_size, r.compute)
 
     def verify(self, r: Round) -> list[dict] | None:
-        """Every scorer attaches a score to every sample."""
-        cfg = self.cfg
+        """Every scorer attaches a score to every sample; what they log is recorded as verify/<name>."""
         with r.phase("verify"):
-            return phases.verify_units(
+            scored = phases.verify_units(
                 r.folder / "samples",
                 r.folder / "scored",
-                phases.n_units(cfg.loop.prompts_per_round, cfg.sampler.n, cfg.sampler.batch_size),
                 scorers=r.parts.scorers,
                 context_of_unit=lambda u: self.context(r, "verify", u),
                 should_stop=should_stop,
                 fault=f"verify:r{r.number}",
             )
+        if scored is None:
+            return None
+        rows, logged = scored
+        r.record.update({f"verify/{k}": v for k, v in logged.items()})
+        return rows
 
     def select(self, r: Round, rows: list[dict]) -> list[dict]:
         """Scored samples -> training examples (the same result on every rank)."""
         with r.phase("select"):
-            selector = r.parts.selector
-            examples = selector(rows, self.context(r, "select"))
+            ctx = self.context(r, "select")
+            examples = r.parts.selector(rows, ctx)
             scored = [s.name for s in r.parts.scorers if isinstance(s, Scorer)]
             r.record.update(summarize_round(rows, examples, scored))
-            r.record.update({f"select/{k}": v for k, v in getattr(selector, "metrics", {}).items()})
+            r.record.update({f"select/{k}": v for k, v in ctx.logged.items()})
         faults.point(f"phase:r{r.number}:select")
         return examples
 
@@ -240,6 +218,7 @@ class Loop:
                 r.folder / "eval",
                 task=self.task,
                 engine=self.engine,
+                rollout=self.plan.rollout,
                 with_k=cfg.eval.k_every_round or r.number in (0, cfg.loop.rounds),
                 should_stop=should_stop,
                 fault=f"eval:r{r.number}",
@@ -250,8 +229,8 @@ class Loop:
         return True
 
     def round(self, number: int) -> Round:
-        entry = scheduled(self.schedule, number)
-        r = Round(number, self.run_dir / "rounds" / f"r{number:04d}", self.parts[entry and entry.index])
+        entry = scheduled(self.plan.schedule, number)
+        r = Round(number, self.run_dir / "rounds" / f"r{number:04d}", self.plan.parts[entry and entry.index])
         r.record["round"] = number
         if entry is not None and number > 0:
             r.record["schedule/stage"] = entry.index + 1  # e.g. SCoRe's Stage I (1) and II (2)
@@ -336,11 +315,12 @@ class Loop:
             )
 
 
-def run(cfg: DictConfig) -> dict:
-    """Runs (or resumes) a recipe; returns the last round's metrics."""
+def run(cfg: DictConfig, plan: Plan | None = None) -> dict:
+    """Runs (or resumes) a recipe with the parts the config check built; returns the last round's
+    metrics."""
     for sig in (signal.SIGTERM, signal.SIGUSR1):
         signal.signal(sig, _request_stop)
-    return Loop(cfg).run()
+    return Loop(cfg, plan).run()
 
 
 def _preempted(run_dir: Path) -> dict:

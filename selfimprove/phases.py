@@ -7,18 +7,17 @@ resumes without losing or repeating a sample, and resumes on any number of ranks
 
 from __future__ import annotations
 
-import time
+import json
+import statistics
 from collections.abc import Callable
 from pathlib import Path
 
 from selfimprove import distributed as dist
 from selfimprove import faults
-from selfimprove.checkpoint import read_table, write_table
+from selfimprove.checkpoint import read_table, write_json, write_table
 from selfimprove.logging import progress
 from selfimprove.rollout import OneTurn
-from selfimprove.stages import Context, order_stages
-
-Timer = dict[str, float]
+from selfimprove.stages import Context
 
 
 def units(n_prompts: int, n: int, batch_size: int) -> list[range]:
@@ -56,30 +55,22 @@ def _my_waves(n_units: int) -> list[int | None]:
 def sample_units(
     folder: Path,
     problems: list,
-    *,
-    engine,
-    task,
+    rollout: OneTurn,
     n: int,
-    batch_size: int,
     gen: dict,
-    seed_of_unit: Callable[[int], int],
-    timer: Timer,
+    *,
+    context_of_unit: Callable[[int], Context],
     should_stop: Callable[[], bool],
     desc: str,
     fault: str = "",
-    rollout: OneTurn | None = None,
 ) -> list[dict] | None:
-    """Rolls out n episodes per problem (`rollout`: one turn by default, or two attempts), unit by unit.
-    Returns all rows, or None if stopped."""
-    rollout = rollout or OneTurn()
-    chunks = units(len(problems), n, batch_size)
+    """Rolls out n episodes per problem (one turn, or two attempts), unit by unit, each with its own
+    context (seed, and the timer generation is counted in). Returns all rows, or None if stopped."""
+    chunks = units(len(problems), n, context_of_unit(0).batch_size)
     bar = progress(len(chunks), desc)
     for u in _my_waves(len(chunks)):
         if u is not None and not _shard(folder, u).exists():
-            chunk = [problems[i] for i in chunks[u]]
-            t = time.perf_counter()
-            rows = rollout(engine, task, chunk, n, gen, seed_of_unit(u))
-            timer["generate"] = timer.get("generate", 0.0) + time.perf_counter() - t
+            rows = rollout(context_of_unit(u), [problems[i] for i in chunks[u]], n, gen)
             write_table(_shard(folder, u), rows)
             faults.point(f"{fault}:u{u}")
         bar.update(min(dist.world(), len(chunks) - bar.n))
@@ -93,28 +84,45 @@ def sample_units(
 def verify_units(
     src: Path,
     dst: Path,
-    n_units: int,
     *,
     scorers: list,
     context_of_unit: Callable[[int], Context],
     should_stop: Callable[[], bool],
     fault: str = "",
-) -> list[dict] | None:
-    """Runs the scorers (stages, in `order_stages` order) on each unit: all samples of a prompt share
-    a unit, so per-prompt scorers see whole groups. Returns all scored rows, or None if stopped."""
-    scorers = order_stages(scorers)
+) -> tuple[list[dict], dict] | None:
+    """Runs the scorers (already in `order_stages` order) on each unit: all samples of a prompt share a
+    unit, so per-prompt scorers see whole groups. Returns all scored rows and what the scorers logged
+    (`logged_mean`), or None if stopped. The units are sampling's, read from `src` (complete: sampling
+    gathered them)."""
+    n_units = len(list(src.glob("unit-*.parquet")))
     for u in _my_waves(n_units):
         if u is not None and not _shard(dst, u).exists():
             rows = read_table(_shard(src, u))
             ctx = context_of_unit(u)
             for scorer in scorers:
                 rows = scorer(rows, ctx)
+            if ctx.logged:  # before the shard, whose existence marks the unit done
+                dst.mkdir(parents=True, exist_ok=True)
+                write_json(_logged(dst, u), ctx.logged)
             write_table(_shard(dst, u), rows)
             faults.point(f"{fault}:u{u}")
         if should_stop():
             return None
-    return gather(dst, n_units)
+    return gather(dst, n_units), logged_mean(dst, n_units)
 
 
-def n_units(n_prompts: int, n: int, batch_size: int) -> int:
-    return len(units(n_prompts, n, batch_size))
+def _logged(folder: Path, unit: int) -> Path:
+    return folder / f"unit-{unit:05d}.logged.json"
+
+
+def logged_mean(folder: Path, n_units: int) -> dict[str, float]:
+    """What stages logged per unit, as the mean over the units that logged each name (None skipped).
+    Units are fixed by the config, not by the ranks, so this is the same on any number of ranks and
+    after any resume. (After `gather`'s barrier every unit's file is on disk.)"""
+    values: dict[str, list[float]] = {}
+    for u in range(n_units):
+        if _logged(folder, u).exists():
+            for name, value in json.loads(_logged(folder, u).read_text()).items():
+                if value is not None:
+                    values.setdefault(name, []).append(value)
+    return {name: statistics.fmean(v) for name, v in values.items()}

@@ -1,6 +1,6 @@
-"""Rollouts: how a problem becomes rows (contract 1). One turn, or two attempts (SCoRe, METHODS.md §5).
+"""Rollouts: how a problem becomes rows (contract 1). One turn, or two attempts (SCoRe, Kumar et al. 2409.12917).
 
-A rollout asks the engine to generate, so it runs on any sampler backend, in training rounds and in
+A rollout asks the stage context (`stages.Context`) to generate, so it runs on any sampler backend, in training rounds and in
 evaluation alike. Two attempts: the first answer, then the problem, that answer and a correction
 instruction (which never says whether the answer was right) and a second answer. Every row carries
 `turn`; a second attempt's row also carries its first attempt (`first_completion`, `first_answer`,
@@ -14,6 +14,7 @@ import dataclasses
 from collections.abc import Sequence
 
 from selfimprove import distributed as dist
+from selfimprove.stages import Context
 from selfimprove.tasks.base import CORRECT_THRESHOLD, Problem
 
 # the correction instruction of SCoRe's MATH prompt (App. C), for a short-answer task
@@ -49,11 +50,12 @@ class OneTurn:
     def check(self, task) -> None:
         return None
 
-    def __call__(self, engine, task, problems: Sequence[Problem], n: int, gen: dict, seed: int) -> list[dict]:
-        prompts = [engine.sampler.encode(p) for p in problems]
-        outs = engine.generate([p for p in prompts for _ in range(n)], seed=seed, **gen)
+    def __call__(self, ctx: Context, problems: Sequence[Problem], n: int, gen: dict) -> list[dict]:
+        """`gen`: what `generate` takes (max_new_tokens, temperature, weights, ...); seeded by the unit."""
+        prompts = [ctx.encode(p) for p in problems]
+        outs = ctx.generate([p for p in prompts for _ in range(n)], seed=ctx.seed, **gen)
         return [
-            attempt_row(task, problems[j // n], prompts[j // n], j % n, out) for j, out in enumerate(outs)
+            attempt_row(ctx.task, problems[j // n], prompts[j // n], j % n, out) for j, out in enumerate(outs)
         ]
 
 
@@ -80,14 +82,14 @@ class TwoAttempts(OneTurn):
         ]
         return dataclasses.replace(problem, messages=messages)
 
-    def __call__(self, engine, task, problems: Sequence[Problem], n: int, gen: dict, seed: int) -> list[dict]:
-        firsts = super().__call__(engine, task, problems, n, gen, seed)
+    def __call__(self, ctx: Context, problems: Sequence[Problem], n: int, gen: dict) -> list[dict]:
+        firsts = super().__call__(ctx, problems, n, gen)
         retries = [self.retry(problems[j // n], row) for j, row in enumerate(firsts)]
-        prompts = [engine.sampler.encode(p) for p in retries]
-        outs = engine.generate(prompts, seed=dist.derive_seed(seed, "turn2"), **gen)
+        prompts = [ctx.encode(p) for p in retries]
+        outs = ctx.generate(prompts, seed=dist.derive_seed(ctx.seed, "turn2"), **gen)
         rows = []
         for j, (first, out) in enumerate(zip(firsts, outs)):
-            second = attempt_row(task, problems[j // n], prompts[j], first["sample_idx"], out)
+            second = attempt_row(ctx.task, problems[j // n], prompts[j], first["sample_idx"], out)
             second.update(turn=2, **{k: first[k.removeprefix("first_")] for k in FIRST_ATTEMPT})
             first.update(turn=1, **dict.fromkeys(FIRST_ATTEMPT))  # same columns in every row (Parquet)
             rows += [first, second]

@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any
 
 from omegaconf import DictConfig
 
-from selfimprove.compose import CommandError, load_config, one_line_errors, pop_option, restore, split_args
+from selfimprove.compose import CommandError, load_config, one_line_errors, pop_option, split_args
 
 if TYPE_CHECKING:
     from selfimprove.stages import Context
@@ -77,12 +77,6 @@ class Session:
     seed: int
     weights: str = "policy"  # what the rows are sampled from, in the engine's names (policy | ema)
 
-    @property
-    def n_units(self) -> int:
-        from selfimprove import phases
-
-        return phases.n_units(len(self.problems), self.cfg.sampler.n, self.cfg.sampler.batch_size)
-
     def unit_sizes(self) -> list[int]:
         """Rows in each unit, in order (all samples of a prompt share a unit): the split of
         `phases.sample_units`, so a scorer run per unit sees what `verify_units` would give it."""
@@ -93,32 +87,28 @@ class Session:
 
     def draw(self, folder: Path) -> list[dict]:
         """`sampler.n` completions per problem, unit by unit into `folder` (the loop's own code)."""
-        from selfimprove import distributed as dist
         from selfimprove import phases
+        from selfimprove.rollout import OneTurn
 
         cfg = self.cfg
         return phases.sample_units(
             folder,
             self.problems,
-            engine=self.engine,
-            task=self.task,
-            n=cfg.sampler.n,
-            batch_size=cfg.sampler.batch_size,
-            gen={**phases.generation_options(cfg.sampler), "weights": self.weights},
-            seed_of_unit=lambda u: dist.derive_seed(self.seed, u),
-            timer={},
+            OneTurn(),
+            cfg.sampler.n,
+            {**phases.generation_options(cfg.sampler), "weights": self.weights},
+            context_of_unit=self.context,
             should_stop=lambda: False,
             desc="sample",
         )
 
-    def context(self, unit: int) -> Context:
-        """The scorers' context for one unit, seeded from the session's seed."""
+    def context(self, unit: int, *parts: object) -> Context:
+        """The context for one unit (sampling; "verify": the scorers'), seeded from the session's seed."""
         from selfimprove import distributed as dist
         from selfimprove.stages import Context
 
-        return Context(
-            self.engine, self.task, dist.derive_seed(self.seed, "verify", unit), self.cfg.sampler.batch_size
-        )
+        seed = dist.derive_seed(self.seed, *parts, unit)
+        return Context(self.engine, self.task, seed, self.cfg.sampler.batch_size)
 
     def finish(self, rows: list[dict]) -> list[dict]:
         """The prompt as the model saw it (template and prefill) and the split added; FIRST first."""
@@ -144,6 +134,7 @@ def open_session(
     from selfimprove.config import ConfigError, build_stages
     from selfimprove.ema import engine_weights
     from selfimprove.engine import Engine
+    from selfimprove.stages import order_stages
 
     cfg = load_config(run_dir, overrides)
     if weights == "ema" and (run_dir is None or not cfg.ema.enabled):
@@ -161,12 +152,12 @@ def open_session(
         raise ConfigError(f"prompts={n_prompts}: {e}") from None
     if scorers is None:
         nodes = {f"verifiers.{k}": v for k, v in cfg.verifiers.items()}
-        stages = list(build_stages(nodes, task).values())
+        stages = order_stages(list(build_stages(nodes, task).values()))
     else:
         stages = scorers(cfg, task)
     engine = Engine(cfg, train=False, reference=any(s.needs_reference for s in stages))
     if run_dir is not None:
-        restore(engine, run_dir, weights, flag="weights=ema")
+        engine.restore(run_dir, weights)
     seed = dist.derive_seed(cfg.seed, "sample-command", split)
     return Session(cfg, task, problems, stages, engine, split, seed, engine_weights(weights))
 
@@ -181,12 +172,11 @@ def sample(
     # Units in a throwaway folder (one process): the loop's own sample and verify code; seeds from `seed`.
     with tempfile.TemporaryDirectory(prefix="selfimprove-sample-") as tmp:
         session.draw(Path(tmp) / "samples")
-        rows = phases.verify_units(
+        rows, _ = phases.verify_units(  # what scorers log is for a round's record: not a table's
             Path(tmp) / "samples",
             Path(tmp) / "scored",
-            session.n_units,
             scorers=session.scorers,
-            context_of_unit=session.context,
+            context_of_unit=lambda u: session.context(u, "verify"),
             should_stop=lambda: False,
         )
     return session.finish(rows)

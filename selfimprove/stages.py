@@ -6,8 +6,8 @@ Each stage declares the columns it reads and writes, so a recipe whose selector 
 scorer writes fails when the config is composed (`check_columns`), before any model loads.
 
 A stage never holds the policy: it asks the `Context`, which offers the engine's `generate`,
-`logprobs` and `next_token_logprobs`, the tokenizer, the task, and generators seeded per unit of work.
-So stages are pure functions of their rows plus those calls, unit tested with a tiny model.
+`logprobs` and `next_token_logprobs`, the tokenizer, the task, generators seeded per unit of work, and
+`log(name, value)` for the stage's metrics (the loop adds them to the round's record). So stages are pure functions of their rows plus those calls, unit tested with a tiny model.
 """
 
 from __future__ import annotations
@@ -97,13 +97,20 @@ def score_of(row: dict, name: str) -> float:
 @dataclass
 class Context:
     """What a stage may ask for. `engine` offers generate / logprobs / next_token_logprobs /
-    classifier (tests may pass anything with those methods); `seed` is the unit's own seed."""
+    classifier (tests may pass anything with those methods); `seed` is the unit's own seed. Rollouts
+    take it too, so generation is timed here, in one place (`timer`)."""
 
     engine: Any
     task: Any
     seed: int
     batch_size: int = 64
     timer: dict[str, float] = field(default_factory=dict)
+    logged: dict[str, Any] = field(default_factory=dict)  # what stages reported with `log`
+
+    def log(self, name: str, value: Any) -> None:
+        """A metric of the stage's work (e.g. the share of prompts a selector kept), for the round's
+        record: the stage keeps no state for the loop to read."""
+        self.logged[name] = value
 
     @property
     def tokenizer(self) -> Any:
@@ -178,11 +185,13 @@ def order_stages(scorers: list[Stage], sampled: frozenset[str] = CORE_COLUMNS) -
 
 def check_columns(
     scorers: list[Stage], selector: Stage, objective: Any = None, rollout_writes: Sequence[str] = ()
-) -> None:
+) -> list[Stage]:
     """Every column the selector (and the objective) reads is sampled (`CORE_COLUMNS` plus what the
-    rollout adds, e.g. `turn`) or written by a stage before it; a ValueError names both ends."""
+    rollout adds, e.g. `turn`) or written by a stage before it; a ValueError names both ends. Returns
+    the scorers in the order they run (`order_stages`)."""
     sampled = CORE_COLUMNS | set(rollout_writes)
-    written = {c for s in order_stages(scorers, sampled) for c in s.writes}
+    ordered = order_stages(scorers, sampled)
+    written = {c for s in ordered for c in s.writes}
     missing = sorted(set(selector.reads) - sampled - written)
     if missing:
         raise ValueError(
@@ -196,3 +205,4 @@ def check_columns(
             f"(e.g. +verifier@verifiers.reference=reference_base for ref_logprobs, selector=group_advantage "
             "for advantage)"
         )
+    return ordered

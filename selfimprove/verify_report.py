@@ -147,7 +147,7 @@ def score_each(session: Session, named: list[tuple[str, Any]], rows: list[dict])
         seconds[name] = 0.0
         for unit, (a, b) in enumerate(bounds):
             given = [{k: v for k, v in r.items() if k in keep} for r in rows[a:b]]
-            ctx = session.context(unit)
+            ctx = session.context(unit, "verify")
             t = time.perf_counter()
             scored = scorer(given, ctx)
             seconds[name] += time.perf_counter() - t

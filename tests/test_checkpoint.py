@@ -162,3 +162,19 @@ def test_no_checkpoint_is_none(tmp_path):
     _, opt, sched = fresh()
     assert checkpoint.load_latest(tmp_path, optimizer=opt, scheduler=sched) is None
     assert checkpoint.latest(tmp_path) is None
+
+
+def test_old_checkpoint_with_rng_state_loads(tmp_path):
+    """Checkpoints no longer hold the RNG (every unit seeds itself); an older one's rng-rank0.pt is
+    ignored, and the global RNG is left as it was."""
+    run_dir = tmp_path / "run"
+    save(run_dir, "r0001-s000003", 1, {"round": 1, "global_step": 3})
+    ckpt = run_dir / "checkpoints" / "r0001-s000003"
+    assert not list(ckpt.glob("rng-rank*.pt"))
+    torch.save({"torch": torch.get_rng_state(), "python": repr(random.getstate())}, ckpt / "rng-rank0.pt")
+    _, opt, sched = fresh()
+    torch.manual_seed(7)
+    before = torch.get_rng_state()
+    path, state = checkpoint.load_latest(run_dir, optimizer=opt, scheduler=sched)
+    assert path == ckpt and state["journal"]["global_step"] == 3
+    assert torch.equal(torch.get_rng_state(), before)

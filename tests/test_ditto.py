@@ -10,7 +10,8 @@ import torch
 
 from selfimprove.logprobs import per_row_logprobs
 from selfimprove.objectives import SFT
-from selfimprove.objectives.ditto import Ditto, DittoSequences, pseudo_repetitive, sentence_ends
+from selfimprove.objectives.ditto import Ditto
+from selfimprove.select.ditto import DittoSequences, pseudo_repetitive, sentence_ends
 from selfimprove.stages import Context
 from selfimprove.train import collate, columns_of, micro_batch_loss
 
@@ -143,7 +144,7 @@ def test_selector_builds_pairs():
     ctx = Context(engine=SimpleNamespace(tokenizer=FakeTokenizer()), task=None, seed=3)
     sel = DittoSequences(source="task", max_tokens=16)
     out = sel(rows_of(texts), ctx)  # one sequence per prompt, not per sample
-    assert sel.metrics == {"ditto_sequences": 2, "ditto_skipped": 1}
+    assert ctx.logged == {"ditto_sequences": 2, "ditto_skipped": 1}
     assert [r["source"] for r in out] == ["real", "ditto", "real", "ditto"]
     assert [r["pair"] for r in out] == [0, 0, 1, 1] and [r["prompt_id"] for r in out] == [
         "p0",

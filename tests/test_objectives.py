@@ -9,6 +9,7 @@ import torch
 from selfimprove.objectives import SFT, Mix, PolicyGradient, clipped_surrogate, k3
 from selfimprove.select import GroupAdvantage, agreement
 from selfimprove.select.advantage import group_advantages
+from selfimprove.stages import Context
 from selfimprove.train import collate
 
 
@@ -176,20 +177,20 @@ def test_group_advantage_gates_and_orders_prompts_by_agreement():
         [[7, 7, 3, None, 7, 3], [1, 1, 1, 2, 1, 1], [4, 5, 6, 7, 8, 9]],
         [[1, 1, 0, 0, 1, 0], [1, 1, 1, 0, 1, 1], [0, 0, 0, 0, 0, 0]],
     )
-    stage = GroupAdvantage("r", min_agreement=0.6)
-    kept = stage(rows)
+    stage, ctx = GroupAdvantage("r", min_agreement=0.6), Context(None, None, seed=0)
+    kept = stage(rows, ctx)
     assert {r["prompt_id"] for r in kept} == {1}
-    assert stage.metrics["prompts_kept"] == pytest.approx(1 / 3)
+    assert ctx.logged["prompts_kept"] == pytest.approx(1 / 3)
     # rewards 1,1,1,0,1,1: mean 5/6, sample std 0.4082: (1 − 5/6)/0.4082 = 0.4082, (0 − 5/6)/(0.4082 + 1e-4) = −2.0407
     assert [r["advantage"] for r in kept] == pytest.approx(
         [0.4082, 0.4082, 0.4082, -2.0407, 0.4082, 0.4082], abs=2e-4
     )
     stage = GroupAdvantage("r", easiest_fraction=0.34, drop_zero=False)
     assert {r["prompt_id"] for r in stage(rows)} == {1}  # the most self-consistent third
-    stage = GroupAdvantage("r", estimator="rloo")
-    kept = stage(rows)
+    stage, ctx = GroupAdvantage("r", estimator="rloo"), Context(None, None, seed=0)
+    kept = stage(rows, ctx)
     assert {r["prompt_id"] for r in kept} == {0, 1}  # prompt 2's all-zero rewards teach nothing
-    assert stage.metrics["zero_advantage_groups"] == pytest.approx(1 / 3)
+    assert ctx.logged["zero_advantage_groups"] == pytest.approx(1 / 3)
     rows[0]["score/r"] = -math.inf  # an empty completion's log-likelihood: the group's worst, not nan
     assert all(math.isfinite(r["advantage"]) for r in GroupAdvantage("r")(rows))
 

@@ -9,8 +9,8 @@ from transformers import AutoModelForCausalLM, GenerationConfig, TopPLogitsWarpe
 from selfimprove import models
 from selfimprove.config import ModelConfig
 from selfimprove.sampling import HFSampler, neutral_generation_defaults, sequence_logprobs
+from selfimprove.sampling.decode import token_stats
 from selfimprove.tasks import ArithmeticTask
-from selfimprove.verify.self_certainty import token_stats
 
 
 @pytest.fixture(scope="module")

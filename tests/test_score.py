@@ -14,7 +14,10 @@ from selfimprove.metrics import edit_distance, eval_summary, self_correction
 from selfimprove.objectives import PolicyGradient
 from selfimprove.rollout import TwoAttempts
 from selfimprove.select import SCoRe, shaped_reward
+from selfimprove.stages import Context
 from selfimprove.train import collate
+
+CTX = Context(None, None, seed=0)
 
 pytestmark = pytest.mark.usefixtures("fresh_accelerator_state")  # each test's engines start afresh
 
@@ -40,25 +43,25 @@ def test_stage_rewards_and_advantages_per_attempt_group():
     assert SCoRe(stage=1).rewards(rows) == [0, 0, 0, 1, 0, 0, 0, 1]
     # Stage II: both, the second shaped: (1,0) → −10, (0,1) → 11, (0,0) → 0, (1,1) → 1
     assert SCoRe(stage=2).rewards(rows) == [1, -10, 0, 11, 0, 0, 1, 1]
-    out = SCoRe(stage=2, estimator="rloo")(rows, None)
+    out = SCoRe(stage=2, estimator="rloo")(rows, CTX)
     first = [r["advantage"] for r in out if r["turn"] == 1]
     second = [r["advantage"] for r in out if r["turn"] == 2]
     # RLOO within each attempt's group: r − mean of the other three
     assert first == pytest.approx([1 - 1 / 3, 0 - 2 / 3, 0 - 2 / 3, 1 - 1 / 3])
     assert second == pytest.approx([-10 - 4, 11 - (-3), 0 - 2 / 3, 1 - 1 / 3])
-    stage1 = SCoRe(stage=1)(rows, None)
+    stage1 = SCoRe(stage=1)(rows, CTX)
     assert [r["turn"] for r in stage1] == [1, 2] * 4  # the second attempts' group has a signal
     assert all(r["advantage"] == 0 for r in stage1 if r["turn"] == 1)  # no reward gradient to y1
     # a rewarded group whose advantages are all 0 is skipped; Stage I keeps first attempts (their KL)
     flat = _episodes([(1, 0), (0, 0)]) + _episodes([(1, 1), (0, 1)], prompt="p1")
-    kept = SCoRe(stage=1)(flat, None)
+    kept = SCoRe(stage=1)(flat, CTX)
     assert [(r["prompt_id"], r["turn"]) for r in kept] == [("p0", 1), ("p0", 1), ("p1", 1), ("p1", 1)]
-    assert len(SCoRe(stage=1, drop_zero=False)(flat, None)) == 8
+    assert len(SCoRe(stage=1, drop_zero=False)(flat, CTX)) == 8
     settled = _episodes([(1, 0), (0, 0)]) + _episodes([(1, 1), (1, 1)], prompt="p1")  # p1: nothing to learn
-    kept = SCoRe(stage=2)(settled, None)
+    kept = SCoRe(stage=2)(settled, CTX)
     assert [(r["prompt_id"], r["turn"]) for r in kept] == [("p0", 1), ("p0", 2)] * 2
     with pytest.raises(ValueError, match="two-attempt"):
-        SCoRe(stage=1)([{k: v for k, v in r.items() if k != "turn"} for r in rows], None)
+        SCoRe(stage=1)([{k: v for k, v in r.items() if k != "turn"} for r in rows], CTX)
     with pytest.raises(ValueError, match="stage"):
         SCoRe(stage=3)
 
@@ -123,12 +126,10 @@ def test_two_attempt_rollout_on_the_tiny_model():
     problems = [task.train_problem(i) for i in range(2)]
     rollout = TwoAttempts("Check it and answer again.")
     rows = rollout(
-        engine,
-        task,
+        Context(engine, task, seed=5),
         problems,
         3,
         dict(max_new_tokens=4, temperature=1.0, top_p=1.0, weights="policy"),
-        seed=5,
     )
     assert [r["turn"] for r in rows] == [1, 2] * 6
     assert len({tuple(r) for r in rows}) == 1  # the same columns in every row (one Parquet schema)
@@ -140,12 +141,10 @@ def test_two_attempt_rollout_on_the_tiny_model():
         assert text.endswith(first["prefill"])  # the second answer starts with the same prefill
         assert len(second["logprobs"]) == len(second["completion_ids"])
     again = rollout(
-        engine,
-        task,
+        Context(engine, task, seed=5),
         problems,
         3,
         dict(max_new_tokens=4, temperature=1.0, top_p=1.0, weights="policy"),
-        seed=5,
     )
     assert [r["completion_ids"] for r in again] == [r["completion_ids"] for r in rows]  # seeded
 

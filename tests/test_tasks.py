@@ -13,11 +13,10 @@ import pytest
 from selfimprove.tasks import ArithmeticTask, JsonlTask, Problem
 from selfimprove.tasks.arithmetic import (
     evaluate_expression,
-    numeric_reward,
     random_tree,
     render_tree,
 )
-from selfimprove.tasks.base import Task, canonical_number, is_correct
+from selfimprove.tasks.base import Task, canonical_number, is_correct, numeric_reward
 
 # "expression => exact value" pairs: precedence, associativity, unary minus, powers, division.
 VALUE_CASES = """1 + 2 * 3 => 7 | (1 + 2) * 3 => 9 | 10 - 3 + 2 => 9 | 8 / 4 / 2 => 1 | -3 + 5 => 2

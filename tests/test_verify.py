@@ -3,6 +3,7 @@ import math
 import pytest
 import torch
 
+from selfimprove.sampling.decode import token_stats
 from selfimprove.select import borda_vote
 from selfimprove.verify import (
     GroundTruth,
@@ -10,7 +11,6 @@ from selfimprove.verify import (
     SelfCertainty,
     SequenceLogLik,
     response_logits,
-    token_stats,
 )
 
 

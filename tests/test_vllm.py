@@ -18,7 +18,7 @@ from selfimprove.cli import CONFIG_DIR
 from selfimprove.config import ConfigError, register, validate_targets
 from selfimprove.sampling import vllm as V
 from selfimprove.sampling import vllm_checks as C
-from selfimprove.verify.self_certainty import token_stats
+from selfimprove.sampling.decode import token_stats
 
 register()
 

@@ -128,7 +128,10 @@ def test_ema_sample_from_samples_the_ema_weights_on_vllm(monkeypatch, tmp_path):
         monkeypatch, "ema.enabled=true", "ema.sample_from=ema", "loop.prompts_per_round=2", "sampler.n=2"
     )
     _, averaged = averaged_apart(engine)
-    loop = SimpleNamespace(cfg=cfg, engine=engine, task=instantiate(cfg.task), rollout=OneTurn())
+    loop = SimpleNamespace(
+        cfg=cfg, engine=engine, task=instantiate(cfg.task), plan=SimpleNamespace(rollout=OneTurn())
+    )
+    loop.context = lambda r, *parts: Loop.context(loop, r, *parts)
     r = SimpleNamespace(
         number=1, folder=tmp_path, phase=lambda name: contextlib.nullcontext(), compute={}, record={}
     )

@@ -1,4 +1,4 @@
-"""Policy-gradient objectives on group advantages: GRPO, Dr. GRPO, RLOO (METHODS.md §13).
+"""Policy-gradient objectives on group advantages: GRPO, Dr. GRPO, RLOO (GRPO: Shao et al. 2402.03300; Dr. GRPO: Liu et al. 2503.20783; RLOO: Ahmadian et al. 2402.14740).
 
 Pure functions first (the advantages, the k3 estimator, the clipped surrogate), then the objective
 that combines them per token. The advantages are computed by a stage (`select.GroupAdvantage`) from

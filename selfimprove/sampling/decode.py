@@ -11,13 +11,30 @@ self-certainty and entropy (`token_stats` of the untempered logits).
 
 from __future__ import annotations
 
+import math
+
 import torch
 from transformers import TopPLogitsWarper
 
 from selfimprove.sampling.prefix import CACHE, PromptCache
-from selfimprove.verify.self_certainty import token_stats
 
 STATS = ("logprobs", "self_certainty", "entropy")
+
+
+def token_stats(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per-position (log_probs, self_certainty, entropy) from raw logits ``[..., V]``.
+
+    Called on every decoding step, so it does a single log_softmax. Everything is fp32:
+    bf16 log-probs are too coarse for a mean over a 150k vocab. V is ``logits.shape[-1]``
+    (the padded config vocab the model actually normalises over), not ``len(tokenizer)``.
+    Pass untempered, unfiltered logits: a ``-inf`` entry makes KL(U||p) infinite.
+    """
+    log_probs = torch.log_softmax(logits.float(), dim=-1)
+    vocab = logits.shape[-1]
+    self_certainty = -log_probs.mean(dim=-1) - math.log(vocab)
+    # entr(p) = -p log p with entr(0) = 0, so masked (-inf) logits do not give nan
+    entropy = torch.special.entr(log_probs.exp()).sum(dim=-1)
+    return log_probs, self_certainty, entropy
 
 
 def sampling_logprobs(

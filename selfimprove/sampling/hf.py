@@ -16,6 +16,7 @@ from transformers import (
 )
 
 from selfimprove.sampling import decode
+from selfimprove.sampling.decode import token_stats
 from selfimprove.sampling.prefix import (
     CACHE,
     completion_logprobs,
@@ -32,7 +33,6 @@ from selfimprove.sampling.static import (
     compile_mode,
     round_up,
 )
-from selfimprove.verify.self_certainty import token_stats
 
 
 class StatsRecorder(LogitsProcessor):
@@ -44,7 +44,7 @@ class StatsRecorder(LogitsProcessor):
     sees is the model's own distribution: self-certainty and entropy are the model's. The recorded
     log-probs are those of the distribution that *sampled* — the logits divided by the temperature and
     cut by top-p, as generate's warpers do next — since that is what an importance ratio divides by
-    (METHODS.md §13). The sampled token's log-prob is only known at the next step (or after generate
+    (the PPO/GRPO ratio π/π_old). The sampled token's log-prob is only known at the next step (or after generate
     returns, for the last one), so one step's log-probs are kept: memory O(batch × vocab).
     """
 

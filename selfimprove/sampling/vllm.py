@@ -15,7 +15,7 @@ max_model_len, logprobs_mode, max_logprobs).
 
 What differs from the hf backend (`selfimprove.sampling.hf`):
 - per-token `logprobs` are exact (vLLM's "processed_logprobs": after temperature and top-p, the
-  distribution that sampled, as hf records them; METHODS.md §13: an importance ratio divides by it);
+  distribution that sampled, as hf records them; an importance ratio divides by it);
 - `self_certainty` and `entropy` are APPROXIMATED from the top-k log-probs vLLM returns
   (`sampler.vllm.logprobs_topk`; see `topk_token_stats`): recipes whose scorers need the full
   next-token distribution (self-certainty) get this approximation. The exact alternative is the

@@ -7,6 +7,7 @@ The RL selectors (`GroupAdvantage`, SCoRe's) keep rows and add their advantage. 
 
 from selfimprove.select.advantage import GroupAdvantage, agreement
 from selfimprove.select.curation import Curation, curated_update, curation_probs, plackett_luce
+from selfimprove.select.ditto import DittoSequences, pseudo_repetitive, sentence_ends
 from selfimprove.select.filters import BestOfN, GroundTruthFilter, Threshold
 from selfimprove.select.score import SCoRe, shaped_reward
 from selfimprove.select.vote import Borda, MajorityVote, borda_vote
@@ -15,6 +16,7 @@ __all__ = [
     "BestOfN",
     "Borda",
     "Curation",
+    "DittoSequences",
     "GroundTruthFilter",
     "GroupAdvantage",
     "MajorityVote",
@@ -25,5 +27,7 @@ __all__ = [
     "curated_update",
     "curation_probs",
     "plackett_luce",
+    "pseudo_repetitive",
+    "sentence_ends",
     "shaped_reward",
 ]

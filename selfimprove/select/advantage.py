@@ -1,6 +1,6 @@
 """The RL selector: a reward per sample (any score) becomes a group advantage per sample.
 
-Label-free rewards collapse onto a wrong consensus (METHODS.md §14); the cures that act on the
+Label-free rewards collapse onto a wrong consensus (TTRL and SRT report it); the cures that act on the
 prompts live here, as options: agreement gating (keep prompts whose majority share lies in a band:
 SRT's ≥ 0.6, EMPO's [0.3, 1.0]), and an easy-first curriculum (keep the most self-consistent
 fraction of the round's prompts), and a bonus for answers the other prompts do not give (the cure
@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import math
 import statistics
-from collections.abc import Sequence
+from collections.abc import Callable, Hashable, Mapping, Sequence
 
 from selfimprove.metrics import votes
 from selfimprove.select.filters import by_prompt
@@ -42,6 +42,29 @@ def group_advantages(rewards: Sequence[float], estimator: str = "grpo", eps: flo
         return centred
     std = math.sqrt(sum(c * c for c in centred) / (g - 1)) if g > 1 else 0.0
     return [c / (std + eps) for c in centred]
+
+
+def rows_with_advantages(
+    rows: list[dict],
+    rewards: Sequence[float],
+    groups: Mapping[Hashable, Sequence[int]],
+    estimator: str,
+    drop_zero: Callable[[Hashable], bool],
+) -> tuple[list[dict], int]:
+    """The rows of `groups` (key -> row indices), in row order, each with its `advantage` within its
+    group (`rewards` is per row), and the number of groups whose advantages are all 0.
+
+    An all-zero group is left out where `drop_zero(key)`: it teaches nothing, only its KL term would
+    train, at the cost of a forward/backward. Rows in no group are left out."""
+    advantage: dict[int, float] = {}
+    zero_groups = 0
+    for key, members in groups.items():
+        group = group_advantages([rewards[i] for i in members], estimator)
+        zero = not any(group)
+        zero_groups += zero
+        if not (zero and drop_zero(key)):
+            advantage.update(zip(members, group))
+    return [{**rows[i], "advantage": a} for i, a in sorted(advantage.items())], zero_groups
 
 
 def agreement(answers: list) -> float:
@@ -83,8 +106,8 @@ class GroupAdvantage(Stage):
 
     `min_agreement`/`max_agreement` drop prompts outside the band; `easiest_fraction` keeps that share
     of the remaining prompts, most self-consistent first; `drop_zero` drops groups whose advantages are
-    all 0 (they would only add the KL term — and cost a forward/backward). `metrics` holds the last
-    call's reward and advantage statistics, logged with the round."""
+    all 0 (they would only add the KL term — and cost a forward/backward). The reward and advantage
+    statistics go to `ctx.log`, into the round's record."""
 
     name = "group_advantage"
     writes = ("advantage",)
@@ -108,9 +131,8 @@ class GroupAdvantage(Stage):
         self.easiest_fraction, self.drop_zero = easiest_fraction, drop_zero
         self.surprisal_weight = surprisal_weight
         self.reads = (f"score/{reward}", "answer")
-        self.metrics: dict = {}
 
-    def _gated(self, groups: dict[str, list[int]], rows: list[dict]) -> list[str]:
+    def _gated(self, groups: dict[str, list[int]], rows: list[dict], ctx: Context) -> list[str]:
         share = {p: agreement([rows[i]["answer"] for i in idx]) for p, idx in groups.items()}
         kept = [
             p
@@ -121,38 +143,33 @@ class GroupAdvantage(Stage):
         if self.easiest_fraction is not None:
             n = max(1, round(self.easiest_fraction * len(groups)))
             kept = sorted(kept, key=lambda p: -share[p])[:n]  # stable: ties keep the round's order
-        self.metrics["agreement"] = statistics.fmean(share.values()) if share else None
+        ctx.log("agreement", statistics.fmean(share.values()) if share else None)
         return kept
 
     def __call__(self, rows: list[dict], ctx: Context | None = None) -> list[dict]:
+        ctx = ctx or Context(None, None, seed=0)  # called bare: its metrics go nowhere
         groups = by_prompt(rows)
-        self.metrics = {}
-        kept = set(self._gated(groups, rows))
-        out: list[tuple[int, dict]] = []
-        rewards, advantages, zero_groups = [], [], 0
+        kept = set(self._gated(groups, rows, ctx))
+        kept_groups = {p: idx for p, idx in groups.items() if p in kept}
         surprisal = cross_prompt_surprisal(rows, groups) if self.surprisal_weight else [0.0] * len(rows)
-        for prompt, idx in groups.items():
-            if prompt not in kept:
-                continue
+        row_reward = [0.0] * len(rows)
+        for idx in kept_groups.values():
             group_rewards = _finite([score_of(rows[i], self.reward) for i in idx])
-            group_rewards = [r + self.surprisal_weight * surprisal[i] for r, i in zip(group_rewards, idx)]
-            group_adv = group_advantages(group_rewards, self.estimator)
-            rewards += group_rewards
-            zero = all(a == 0 for a in group_adv)
-            zero_groups += zero
-            if zero and self.drop_zero:
-                continue
-            advantages += group_adv
-            out += [(i, {**rows[i], "advantage": a}) for i, a in zip(idx, group_adv)]
-        n_kept = len(kept)
-        self.metrics.update(
-            {
-                "prompts_kept": n_kept / max(len(groups), 1),
-                "reward_mean": statistics.fmean(rewards) if rewards else None,
-                "reward_std": statistics.pstdev(rewards) if len(rewards) > 1 else None,
-                "zero_advantage_groups": zero_groups / n_kept if n_kept else None,
-                "advantage_mean": statistics.fmean(advantages) if advantages else None,
-                "advantage_abs_mean": statistics.fmean(abs(a) for a in advantages) if advantages else None,
-            }
+            for r, i in zip(group_rewards, idx):
+                row_reward[i] = r + self.surprisal_weight * surprisal[i]
+        out, zero_groups = rows_with_advantages(
+            rows, row_reward, kept_groups, self.estimator, lambda _: self.drop_zero
         )
-        return [row for _, row in sorted(out, key=lambda t: t[0])]
+        rewards = [row_reward[i] for idx in kept_groups.values() for i in idx]
+        advantages = [row["advantage"] for row in out]
+        n_kept = len(kept)
+        for name, value in {
+            "prompts_kept": n_kept / max(len(groups), 1),
+            "reward_mean": statistics.fmean(rewards) if rewards else None,
+            "reward_std": statistics.pstdev(rewards) if len(rewards) > 1 else None,
+            "zero_advantage_groups": zero_groups / n_kept if n_kept else None,
+            "advantage_mean": statistics.fmean(advantages) if advantages else None,
+            "advantage_abs_mean": statistics.fmean(abs(a) for a in advantages) if advantages else None,
+        }.items():
+            ctx.log(name, value)
+        return out

@@ -1,4 +1,4 @@
-"""Curated self-consuming retraining (Ferbach et al. 2407.09499, METHODS.md §4).
+"""Curated self-consuming retraining (Ferbach et al. 2407.09499).
 
 From the K samples of a prompt one is drawn with probability softmax(r / temperature) — the
 Bradley–Terry / Plackett–Luce choice of a curator whose reward is r, any scorer's score — and the

@@ -1,4 +1,4 @@
-"""SCoRe's rewards and advantages over two-attempt episodes (Kumar et al. 2409.12917, METHODS.md §5).
+"""SCoRe's rewards and advantages over two-attempt episodes (Kumar et al. 2409.12917).
 
 Stage I trains the second attempt on its own reward while a strong KL keeps the first attempt near the
 base: the first attempt's rows get no reward (advantage 0) and only their KL term (the objective's
@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from collections import defaultdict
 
-from selfimprove.select.advantage import group_advantages
+from selfimprove.select.advantage import group_advantages, rows_with_advantages
 from selfimprove.stages import Context, Stage, score_of
 
 
@@ -41,7 +41,6 @@ class SCoRe(Stage):
         self.stage, self.reward, self.alpha, self.estimator = stage, reward, alpha, estimator
         self.drop_zero = drop_zero
         self.reads = ("turn", f"score/{reward}")
-        self.metrics: dict = {}
 
     def rewards(self, rows: list[dict]) -> list[float]:
         """Each row's reward for this stage."""
@@ -64,19 +63,17 @@ class SCoRe(Stage):
         groups: dict[tuple, list[int]] = defaultdict(list)
         for i, r in enumerate(rows):
             groups[(r["prompt_id"], r["turn"])].append(i)
-        advantages = [0.0] * len(rows)
-        keep = [True] * len(rows)
-        for (_, turn), members in groups.items():
-            group = group_advantages([rewards[i] for i in members], self.estimator)
-            # a rewarded group whose advantages are all 0 teaches nothing (its small KL aside), so it
-            # is skipped; Stage I's first attempts stay, their KL is why they are there
-            rewarded = self.stage == 2 or turn == 2
-            for i, a in zip(members, group):
-                advantages[i], keep[i] = a, not (self.drop_zero and rewarded and not any(group))
+        # a rewarded group whose advantages are all 0 teaches nothing (its small KL aside), so it
+        # is dropped; Stage I's first attempts stay, their KL is why they are there (key: prompt_id, turn)
+        out, _ = rows_with_advantages(
+            rows,
+            rewards,
+            groups,
+            self.estimator,
+            lambda key: self.drop_zero and (self.stage == 2 or key[1] == 2),
+        )
         second = [rw for rw, r in zip(rewards, rows) if r["turn"] == 2]
-        self.metrics = {
-            "reward_t2": sum(second) / max(len(second), 1),
-            "stage": self.stage,
-            "rows_kept": sum(keep) / max(len(rows), 1),
-        }
-        return [{**r, "advantage": a} for r, a, k in zip(rows, advantages, keep) if k]
+        ctx.log("reward_t2", sum(second) / max(len(second), 1))
+        ctx.log("stage", self.stage)
+        ctx.log("rows_kept", len(out) / max(len(rows), 1))
+        return out

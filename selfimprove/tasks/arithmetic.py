@@ -15,6 +15,7 @@ from selfimprove.tasks.base import (
     check_eval_count,
     check_heldout_fraction,
     is_heldout,
+    numeric_reward,
 )
 
 # A RandomCalculation tree: an int atom, or (op, left, right) with op in "+-*/^".
@@ -123,15 +124,6 @@ def evaluate_expression(text: str) -> Fraction:
     if parser.peek() is not None:
         raise ValueError(f"unexpected token {parser.peek()!r} after end of expression")
     return value
-
-
-def numeric_reward(pred: float, truth: float) -> float:
-    """RandomCalculation reward: 1 - 0.5*min(|a-b|, 1) - 0.5*min(|a-b|/(|b|+1e-6), 1)."""
-    diff = abs(pred - truth)
-    if not math.isfinite(diff):
-        return 0.0
-    reward = 1.0 - 0.5 * min(diff, 1.0) - 0.5 * min(diff / (abs(truth) + 1e-6), 1.0)
-    return min(max(reward, 0.0), 1.0)
 
 
 def render_tree(node: Expr) -> str:

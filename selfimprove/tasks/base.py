@@ -8,6 +8,7 @@ so partial-credit rewards (e.g. RandomCalculation's numeric reward) never count 
 from __future__ import annotations
 
 import hashlib
+import math
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from decimal import ROUND_HALF_UP, Decimal, localcontext
@@ -123,3 +124,15 @@ def canonical_number(value: Fraction | int | str) -> str:
     if "." in text:
         text = text.rstrip("0").rstrip(".")
     return text
+
+
+def numeric_reward(pred: float, truth: float) -> float:
+    """RandomCalculation reward: 1 - 0.5*min(|a-b|, 1) - 0.5*min(|a-b|/(|b|+1e-6), 1), in [0, 1].
+
+    Here, not in one task, because the arithmetic task's partial credit and the general graded
+    reward (`verify.rewards.graded_reward`) share it."""
+    diff = abs(pred - truth)
+    if not math.isfinite(diff):
+        return 0.0
+    reward = 1.0 - 0.5 * min(diff, 1.0) - 0.5 * min(diff / (abs(truth) + 1e-6), 1.0)
+    return min(max(reward, 0.0), 1.0)

@@ -14,7 +14,7 @@ from selfimprove.verify.rewards import (
     NegativeEntropy,
     graded_reward,
 )
-from selfimprove.verify.self_certainty import SelfCertainty, response_logits, token_stats
+from selfimprove.verify.self_certainty import SelfCertainty, response_logits
 
 __all__ = [
     "Combined",
@@ -31,5 +31,4 @@ __all__ = [
     "SequenceLogLik",
     "graded_reward",
     "response_logits",
-    "token_stats",
 ]

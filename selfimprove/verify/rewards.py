@@ -1,4 +1,5 @@
-"""Rewards for RL from the model itself (METHODS.md §14), and one graded oracle (§9).
+"""Rewards for RL from the model itself (TTRL, EMPO, INTUITOR, RLHF-sharpening), and one graded
+oracle (RandomCalculation's partial reward, Wu et al.).
 
 Each is a scorer, one float per sampled row, so a policy-gradient objective reads it like any score:
 TTRL's majority vote, RENT's negative entropy, Co-rewarding-II's EMA teacher, and RandomCalculation's
@@ -13,7 +14,7 @@ from typing import Any
 from selfimprove.metrics import majority_answer
 from selfimprove.select.filters import by_prompt
 from selfimprove.stages import Context, Scorer
-from selfimprove.tasks.arithmetic import numeric_reward
+from selfimprove.tasks.base import numeric_reward
 
 
 class MajorityVoteReward(Scorer):
@@ -80,7 +81,6 @@ def graded_reward(answer: Any, target: Any) -> float:
     if b is None:
         raise ValueError(f"graded reward needs numeric targets, got {target!r}")
     a = _number(answer)
-    # the formula itself lives with the task (its reward's partial credit): one copy of it
     return 0.0 if a is None else numeric_reward(a, b)
 
 

@@ -2,33 +2,15 @@
 
 Self-certainty of one next-token distribution p is KL(U || p) = -(1/V) sum_j log p_j - log V,
 and a sequence's score is the mean over its generated tokens. It is >= 0, with 0 meaning
-"uniform" (maximally unsure).
+"uniform" (maximally unsure). The per-token values are recorded while sampling
+(`selfimprove.sampling.decode.token_stats`), so this scorer needs no forward pass.
 """
 
 from __future__ import annotations
 
-import math
-
-import torch
 from torch import Tensor
 
 from selfimprove.stages import Context, Scorer
-
-
-def token_stats(logits: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """Per-position (log_probs, self_certainty, entropy) from raw logits ``[..., V]``.
-
-    Called on every decoding step, so it does a single log_softmax. Everything is fp32:
-    bf16 log-probs are too coarse for a mean over a 150k vocab. V is ``logits.shape[-1]``
-    (the padded config vocab the model actually normalises over), not ``len(tokenizer)``.
-    Pass untempered, unfiltered logits: a ``-inf`` entry makes KL(U||p) infinite.
-    """
-    log_probs = torch.log_softmax(logits.float(), dim=-1)
-    vocab = logits.shape[-1]
-    self_certainty = -log_probs.mean(dim=-1) - math.log(vocab)
-    # entr(p) = -p log p with entr(0) = 0, so masked (-inf) logits do not give nan
-    entropy = torch.special.entr(log_probs.exp()).sum(dim=-1)
-    return log_probs, self_certainty, entropy
 
 
 def response_logits(logits: Tensor, prompt_len: int, n: int) -> Tensor:
