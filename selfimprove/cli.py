@@ -23,7 +23,7 @@ from omegaconf.errors import OmegaConfBaseException
 from selfimprove.compose import CONFIG_DIR, CommandError, check, describe, load_config, split_args
 from selfimprove.config import ConfigError, register
 
-USAGE = """usage: selfimprove {{train,eval,sample,verify-report,export}} [--recipes DIR] [key=value ...]
+USAGE = """usage: selfimprove {{train,eval,sample,verify-report,export,report,rounds}} [--recipes DIR] [key=value ...]
 
   train   run (or resume) a recipe:   selfimprove train recipe=oracle_sft model=tiny loop.rounds=2
           selfimprove train --help    config groups and options
@@ -43,6 +43,11 @@ USAGE = """usage: selfimprove {{train,eval,sample,verify-report,export}} [--reci
           best-of-N vs random / majority / pass@N, calibration of P(True), cost; json, md, plots:
           selfimprove verify-report runs/quickstart sampler.n=8 prompts=100 out=report/
           selfimprove verify-report model=smollm2_135m sampler.n=8 verifiers=self_certainty,ptrue out=report/
+  report  one HTML page (plots embedded) and a JSON of one run or many: accuracy over rounds, the
+          mean and min-max band across seeds, each run's start / peak / final / reported accuracy:
+          selfimprove report runs/seeds out=report.html       (a sweep folder, or RUN_DIR ...)
+  rounds  every round's samples as trl's prompt/completion records (JSON lines), scores beside:
+          selfimprove rounds runs/quickstart out=rounds.jsonl
   export  a folder transformers (or peft, for an unmerged LoRA adapter) loads:
           selfimprove export runs/quickstart OUT_DIR [--weights raw|ema] [--merge] [--force]
 
@@ -160,6 +165,18 @@ def sample(args: list[str]) -> None:
     sample_main(args)
 
 
+def rounds(args: list[str]) -> None:
+    from selfimprove.trl_rewards import main as rounds_main
+
+    rounds_main(args)
+
+
+def report(args: list[str]) -> None:
+    from selfimprove.report import main as report_main
+
+    report_main(args)
+
+
 def verify_report(args: list[str]) -> None:
     from selfimprove.verify_report import main as report_main
 
@@ -172,6 +189,8 @@ COMMANDS: dict[str, Callable[[list[str]], None]] = {
     "sample": sample,
     "verify-report": verify_report,
     "export": export,
+    "report": report,
+    "rounds": rounds,
 }
 
 

@@ -34,6 +34,9 @@ class RunConfig:
 class LoopConfig:
     rounds: int = 4
     prompts_per_round: int = 64
+    # seeded: the run's seed draws where in the task's prompt stream round 1 starts (seeds differ in
+    # prompts and sampling); fixed: round r takes prompts (r-1)*prompts_per_round ... whatever the seed
+    prompt_order: str = "seeded"
 
 
 @dataclass
@@ -131,9 +134,15 @@ class EvalConfig:
     max_new_tokens: int = 6
     before: bool = True  # evaluate the starting model as round 0
     every: int = 1
-    # labelled held-out problems (disjoint from the n_problems test ones) whose greedy accuracy picks
-    # the round to report: model selection, which makes a label-free recipe use this many labels
+    # Model selection: the evaluated round with the best `select_by` is the one reported (selected/*).
+    # dev/accuracy: greedy accuracy on dev_problems labelled problems (a recipe using it uses labels);
+    # unlabelled/information: the prompt-answer mutual information of unlabelled_k samples on each of
+    # unlabelled_problems prompts (no labels). Both sets come from the task's training stream, far past
+    # any run's rounds, so none is a reported problem.
     dev_problems: int = 0
+    unlabelled_problems: int = 0
+    unlabelled_k: int = 4
+    select_by: str | None = None  # None | dev/accuracy | unlabelled/information
 
 
 @dataclass
@@ -259,6 +268,15 @@ def validate_targets(cfg: DictConfig) -> Plan:
         raise ConfigError(f"trainer.optimizer: {cfg.trainer.optimizer!r} is not adamw|adamw_8bit|sgd")
     if cfg.trainer.optimizer == "adamw_8bit" and importlib.util.find_spec("bitsandbytes") is None:
         raise ConfigError("trainer.optimizer=adamw_8bit needs bitsandbytes: pip install bitsandbytes")
+    if cfg.loop.prompt_order not in ("seeded", "fixed"):
+        raise ConfigError(f"loop.prompt_order: {cfg.loop.prompt_order!r} is not seeded|fixed")
+    needs = {"dev/accuracy": "dev_problems", "unlabelled/information": "unlabelled_problems"}
+    if cfg.eval.select_by is not None and cfg.eval.select_by not in needs:
+        raise ConfigError(f"eval.select_by: {cfg.eval.select_by!r} is not null|{'|'.join(needs)}")
+    if cfg.eval.select_by and cfg.eval[needs[cfg.eval.select_by]] <= 0:
+        raise ConfigError(
+            f"eval.select_by={cfg.eval.select_by} reads eval.{needs[cfg.eval.select_by]}, which is 0"
+        )
     if cfg.ema.sample_from not in ("raw", "ema"):
         raise ConfigError(f"ema.sample_from: {cfg.ema.sample_from!r} is not raw|ema")
     for which in cfg.ema.evaluate:

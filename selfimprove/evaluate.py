@@ -18,11 +18,14 @@ from omegaconf import DictConfig, OmegaConf
 from selfimprove import distributed as dist
 from selfimprove import phases
 from selfimprove.ema import engine_weights
-from selfimprove.metrics import eval_summary
+from selfimprove.metrics import answer_information, eval_summary, final_turn
 from selfimprove.parts import build_rollout
 from selfimprove.repetition import perplexity, text_metrics
 from selfimprove.rollout import OneTurn
 from selfimprove.stages import Context
+
+# model-selection problems: the task's training stream far past where a run's rounds read (< 10**9 + rounds)
+DEV_START, UNLABELLED_START = 2 * 10**9, 3 * 10**9
 
 
 def eval_key(cfg: DictConfig) -> str:
@@ -34,7 +37,12 @@ def eval_key(cfg: DictConfig) -> str:
         "max_prompt_tokens": cfg.sampler.max_prompt_tokens,
         "rollout": OmegaConf.to_container(cfg.rollout, resolve=True) if cfg.get("rollout") else None,
     }
-    for key in ("every", "k_every_round", "before"):  # when, not what (batch_size sets the units' seeds)
+    for key in (
+        "every",
+        "k_every_round",
+        "before",
+        "select_by",
+    ):  # when, not what (batch_size sets the units' seeds)
         parts["eval"].pop(key, None)
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:10]
 
@@ -101,13 +109,29 @@ def evaluate(
             if sampled is None:
                 return None
         out.update({prefix + k: v for k, v in eval_summary(greedy, sampled, cfg.eval.k).items()})
-    if cfg.eval.dev_problems > 0:  # the problems after the test ones: never the ones reported
-        dev = task.eval_problems(cfg.eval.n_problems + cfg.eval.dev_problems)[cfg.eval.n_problems :]
+    if cfg.eval.dev_problems > 0:
+        dev = [task.train_problem(DEV_START + i) for i in range(cfg.eval.dev_problems)]
         gen = dict(max_new_tokens=cfg.eval.max_new_tokens, record=False, weights="policy", greedy=True)
         greedy = draw("raw-dev", dev, 1, gen, lambda u: 0, "eval dev")
         if greedy is None:
             return None
         out["dev/accuracy"] = eval_summary(greedy, [], 0)["accuracy"]
+    if cfg.eval.unlabelled_problems > 0:
+        prompts = [task.train_problem(UNLABELLED_START + i) for i in range(cfg.eval.unlabelled_problems)]
+        gen = dict(
+            max_new_tokens=cfg.eval.max_new_tokens,
+            record=False,
+            weights="policy",
+            temperature=cfg.eval.temperature,
+        )
+        seed_of_unit = lambda u: dist.derive_seed(cfg.seed, "unlabelled", u)  # noqa: E731
+        sampled = draw("raw-unlabelled", prompts, cfg.eval.unlabelled_k, gen, seed_of_unit, "eval unlabelled")
+        if sampled is None:
+            return None
+        groups: dict[str, list] = {}
+        for row in final_turn(sampled):  # answers only: the rows' `correct` is never read
+            groups.setdefault(row["prompt_id"], []).append(row["answer"])
+        out.update({f"unlabelled/{k}": v for k, v in answer_information(groups).items()})
     return out
 
 
@@ -126,16 +150,21 @@ def text_summary(cfg: DictConfig, task, engine, greedy: list[dict], weights: str
     return out
 
 
-def select_round(records: list[dict]) -> dict:
-    """The evaluated round with the best dev accuracy (ties: the earliest), with its test metrics under
-    selected/: what a run that uses its dev labels for model selection reports."""
-    scored = [r for r in records if r.get("dev/accuracy") is not None]
+def select_round(records: list[dict], key: str) -> dict:
+    """The evaluated round with the best `key` (ties: the earliest), with its metrics under selected/:
+    what a run that selects its model by `key` reports."""
+    scored = [r for r in records if r.get(key) is not None]
     if not scored:
         return {}
-    best = max(scored, key=lambda r: (r["dev/accuracy"], -r["round"]))
+    best = max(scored, key=lambda r: (r[key], -r["round"]))
     return {
         "selected/round": best["round"],
-        **{f"selected/{k}": v for k, v in best.items() if k.startswith(("eval/", "dev/"))},
+        "selected/by": key,
+        **{
+            f"selected/{k}": v
+            for k, v in best.items()
+            if k.startswith(("eval/", "eval_ema/", "dev/", "unlabelled/"))
+        },
     }
 
 

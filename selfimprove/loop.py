@@ -63,6 +63,12 @@ def prepare_run_dir(cfg: DictConfig) -> Path:
     return run_dir
 
 
+def first_prompt(cfg: DictConfig) -> int:
+    """Where round 1 starts in the task's prompt stream. A table task reshuffles per pass over its
+    rows (the pass is index // rows), so a seeded start draws both the order and the starting point."""
+    return 0 if cfg.loop.prompt_order == "fixed" else dist.derive_seed(cfg.seed, "prompts") % 10**9
+
+
 @dataclass
 class Round:
     """What one round's phases share: where they write, and what they measured, and its parts."""
@@ -115,7 +121,7 @@ class Loop:
     def sample(self, r: Round) -> list[dict] | None:
         """This round's prompts, n completions each, from the raw or EMA weights (ema.sample_from)."""
         cfg = self.cfg
-        start = (r.number - 1) * cfg.loop.prompts_per_round
+        start = first_prompt(cfg) + (r.number - 1) * cfg.loop.prompts_per_round
         problems = [self.task.train_problem(start + i) for i in range(cfg.loop.prompts_per_round)]
         weights = engine_weights(cfg.ema.sample_from)
         with r.phase("sample"):
@@ -273,21 +279,21 @@ class Loop:
                 self.log_round(r)
                 last = r.record
             journal.update(round=number + 1, phase="sample", update_step=0)
-        if cfg.eval.dev_problems > 0:
+        if cfg.eval.select_by:
             last = {**last, **self.log_selection()}
         self.logger.close()
         return last
 
     def log_selection(self) -> dict:
-        """Model selection on the dev split: the best round's held-out metrics, logged and printed."""
+        """Model selection: the evaluated round with the best eval.select_by, logged and printed."""
         records = [json.loads(p.read_text()) for p in sorted(self.run_dir.glob("rounds/r*/metrics.json"))]
-        selected = select_round(records)
+        selected = select_round(records, self.cfg.eval.select_by)
         if selected and dist.is_main():
             self.logger.log(selected, self.journal["global_step"])
             checkpoint.write_json(self.run_dir / "selected.json", selected)
             print(
-                f"[selfimprove] selected round {selected['selected/round']} by dev accuracy "
-                f"({self.cfg.eval.dev_problems} labels): eval/accuracy={selected.get('selected/eval/accuracy')}"
+                f"[selfimprove] selected round {selected['selected/round']} by {self.cfg.eval.select_by}: "
+                f"eval/accuracy={selected.get('selected/eval/accuracy')}"
             )
         return selected
 

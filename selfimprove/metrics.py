@@ -156,6 +156,26 @@ def eval_summary(greedy: list[dict], sampled: list[dict], k: int) -> dict[str, f
     return out
 
 
+def answer_information(groups: dict[str, Sequence[Hashable | None]]) -> dict[str, float]:
+    """Label-free: the mutual information between prompt and answer, from k sampled answers per prompt,
+    in nats: H(all answers pooled) − mean over prompts of H(the prompt's answers). High when a prompt's
+    samples agree and different prompts get different answers; low for a policy that answers every
+    prompt alike (a collapse) or none consistently. "No answer" counts as one answer."""
+
+    def entropy(counts: Counter) -> float:
+        total = sum(counts.values())
+        return 0.0 - sum(c / total * math.log(c / total) for c in counts.values())  # 0.0, not -0.0
+
+    pooled = Counter(a for answers in groups.values() for a in answers)
+    within = [entropy(Counter(answers)) for answers in groups.values()]
+    agreement = [max(Counter(answers).values()) / len(answers) for answers in groups.values()]
+    return {
+        "information": entropy(pooled) - sum(within) / len(within),
+        "answer_entropy": entropy(pooled),
+        "agreement": sum(agreement) / len(agreement),
+    }
+
+
 # --- verifier report: how well a score picks among one prompt's samples ------------------------------
 
 

@@ -162,6 +162,7 @@ RL = [
     "eval.k=0",
     "eval.n_problems=4",
     "eval.dev_problems=4",
+    "eval.select_by=dev/accuracy",
 ]
 
 
