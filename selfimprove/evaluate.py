@@ -150,24 +150,6 @@ def text_summary(cfg: DictConfig, task, engine, greedy: list[dict], weights: str
     return out
 
 
-def select_round(records: list[dict], key: str) -> dict:
-    """The evaluated round with the best `key` (ties: the earliest), with its metrics under selected/:
-    what a run that selects its model by `key` reports."""
-    scored = [r for r in records if r.get(key) is not None]
-    if not scored:
-        return {}
-    best = max(scored, key=lambda r: (r[key], -r["round"]))
-    return {
-        "selected/round": best["round"],
-        "selected/by": key,
-        **{
-            f"selected/{k}": v
-            for k, v in best.items()
-            if k.startswith(("eval/", "eval_ema/", "dev/", "unlabelled/"))
-        },
-    }
-
-
 def evaluate_run(cfg: DictConfig, run_dir: Path | None) -> dict:
     """`selfimprove eval`: a run folder's latest checkpoint (raw and EMA), or the configured model."""
     from hydra.utils import instantiate

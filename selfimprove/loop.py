@@ -24,9 +24,9 @@ from selfimprove import distributed as dist
 from selfimprove.config import ConfigError, build_plan, check_trainable, scheduled
 from selfimprove.ema import engine_weights
 from selfimprove.engine import Engine
-from selfimprove.evaluate import evaluate, select_round
+from selfimprove.evaluate import evaluate
 from selfimprove.logging import MetricsLogger, progress, trim_metrics
-from selfimprove.metrics import summarize_round
+from selfimprove.metrics import select_round, summarize_round
 from selfimprove.parts import Parts, Plan
 from selfimprove.resume import resume_diff
 from selfimprove.stages import Context, Scorer

@@ -176,6 +176,24 @@ def answer_information(groups: dict[str, Sequence[Hashable | None]]) -> dict[str
     }
 
 
+def select_round(records: list[dict], key: str) -> dict:
+    """The evaluated round with the best `key` (ties: the earliest), with its metrics under selected/:
+    what a run that selects its model by `key` reports."""
+    scored = [r for r in records if r.get(key) is not None]
+    if not scored:
+        return {}
+    best = max(scored, key=lambda r: (r[key], -r["round"]))
+    return {
+        "selected/round": best["round"],
+        "selected/by": key,
+        **{
+            f"selected/{k}": v
+            for k, v in best.items()
+            if k.startswith(("eval/", "eval_ema/", "dev/", "unlabelled/"))
+        },
+    }
+
+
 # --- verifier report: how well a score picks among one prompt's samples ------------------------------
 
 

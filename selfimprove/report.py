@@ -210,11 +210,21 @@ def sample_table(run: Run, per_round: int = 4) -> list[dict]:
 
 
 def main(args: list[str]) -> None:
-    out = next((a.split("=", 1)[1] for a in args if a.startswith("out=")), None)
-    paths = [Path(a) for a in args if not a.startswith("out=")]
-    if out is None or not paths:
-        raise ConfigError("report: usage: selfimprove report RUN_DIR [RUN_DIR ...] out=FILE.html")
+    options = dict(a.split("=", 1) for a in args if a.split("=", 1)[0] in ("out", "select_by"))
+    paths = [Path(a) for a in args if a.split("=", 1)[0] not in options]
+    if "out" not in options or not paths:
+        raise ConfigError(
+            "report: usage: selfimprove report RUN_DIR [RUN_DIR ...] out=FILE.html [select_by=METRIC]"
+        )
+    out = options["out"]
     runs = find_runs(paths)
+    if "select_by" in options:  # the round each run would report, selecting by this metric afterwards
+        from selfimprove.metrics import select_round
+
+        for run in runs:
+            run.selected = select_round(
+                [{"round": r, **m} for r, m in run.rounds.items()], options["select_by"]
+            )
     summary = aggregate(runs)
     samples = sample_table(runs[0]) if len(runs) == 1 else []
     found = warnings(runs)

@@ -199,3 +199,35 @@ def test_zero_selected_skips_the_update(tmp_path):
     assert "0 samples selected, skipping the update" in proc.stdout
     lines = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert lines[-1]["update/skipped"] is True and lines[-1]["select/n"] == 0
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (["loop.prompt_order=random"], "loop.prompt_order: 'random' is not seeded|fixed"),
+        (
+            ["eval.select_by=accuracy"],
+            "eval.select_by: 'accuracy' is not null|dev/accuracy|unlabelled/information",
+        ),
+        (["eval.select_by=unlabelled/information"], "reads eval.unlabelled_problems, which is 0"),
+        (["eval.select_by=dev/accuracy"], "reads eval.dev_problems, which is 0"),
+    ],
+)
+def test_prompt_order_and_model_selection_are_checked_at_config_time(overrides, message):
+    with pytest.raises(ConfigError) as e:
+        validate_targets(cfg_of(*overrides))
+    assert message in str(e.value)
+
+
+def test_a_runs_seed_draws_its_prompts():
+    """Seeded: round 1 starts where the seed says, so two seeds train on different prompts; fixed: at 0."""
+    from hydra.utils import instantiate
+
+    from selfimprove.loop import first_prompt
+
+    starts = [first_prompt(cfg_of(f"seed={s}")) for s in (0, 1, 0)]
+    assert starts[0] == starts[2] != starts[1]
+    assert first_prompt(cfg_of("seed=1", "loop.prompt_order=fixed")) == 0
+    task = instantiate(cfg_of().task)
+    first_round = [[task.train_problem(start + i).messages for i in range(16)] for start in starts[:2]]
+    assert first_round[0] != first_round[1]

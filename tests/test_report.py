@@ -130,6 +130,11 @@ def test_sweep_page_with_bad_runs(selected_run, tmp_path):
     gains = [r["summary"]["gain"] for r in numbers["runs"]]
     assert numbers["aggregate"]["gain"]["worst"] == min(gains)
     assert numbers["aggregate"]["gain"]["median"] == sorted(gains)[1]
+    # selecting afterwards: the killed run (no selected.json) reports its most informative round
+    run_cli(["report", str(sweep), f"out={page}", "select_by=unlabelled/information"])
+    after = json.loads(page.with_suffix(".json").read_text())["runs"][1]["summary"]
+    best = max((rounds[0], rounds[1]), key=lambda r: (r["unlabelled/information"], -r["round"]))
+    assert after["reported_round"] == best["round"] and after["reported_by"] == "unlabelled/information"
     dom = rendered(page)
     assert 'id="aggregate"' in dom and dom.count("<img ") >= 2
     assert f'data-plots-rendered="{dom.count("<img ")}"' in dom
