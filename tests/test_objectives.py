@@ -208,3 +208,27 @@ def test_surprisal_rewards_answers_other_prompts_do_not_give():
     stage = GroupAdvantage("r", surprisal_weight=1.0)
     kept = {(r["prompt_id"], r["sample_idx"]): r["advantage"] for r in stage(rows)}
     assert kept[(0, 0)] > kept[(0, 1)] > kept[(0, 3)]
+
+
+def test_a_batch_baseline_pushes_a_unanimous_group_off_a_shared_answer():
+    """Three prompts: one unanimous on "11" (which another prompt gives too), one unanimous on its own
+    "56", one split. With the group baseline both unanimous groups teach nothing (dropped); with the
+    batch's, each row gets λ·(its group's mean surprisal − the batch's) on top, by hand."""
+    from selfimprove.select.advantage import cross_prompt_surprisal
+    from selfimprove.select.filters import by_prompt
+
+    rows = _rows([[11, 11], [56, 56], [11, 7]], [[0, 0], [0, 0], [1, 0]])
+    assert {r["prompt_id"] for r in GroupAdvantage("r", surprisal_weight=0.5)(rows)} == {2}
+    s = cross_prompt_surprisal(rows, by_prompt(rows))  # M = 4 other samples each
+    assert s[0] == pytest.approx(math.log(5 / 2)) and s[2] == pytest.approx(math.log(5))
+    batch_mean = sum(s) / 6
+    stage = GroupAdvantage("r", estimator="drgrpo", surprisal_weight=0.5, surprisal_baseline="batch")
+    got = {(r["prompt_id"], r["sample_idx"]): r["advantage"] for r in stage(rows)}
+    assert got[(0, 0)] == got[(0, 1)] == pytest.approx(0.5 * (s[0] - batch_mean)) and got[(0, 0)] < 0
+    assert got[(1, 0)] == pytest.approx(0.5 * (s[2] - batch_mean)) and got[(1, 0)] > 0
+    # the split group: its drgrpo advantage of reward + λ·surprisal, plus its offset
+    rewards = [1 + 0.5 * s[4], 0 + 0.5 * s[5]]
+    between = 0.5 * ((s[4] + s[5]) / 2 - batch_mean)
+    assert got[(2, 0)] == pytest.approx(rewards[0] - sum(rewards) / 2 + between)
+    with pytest.raises(ValueError, match="surprisal_baseline"):
+        GroupAdvantage("r", surprisal_baseline="prompt")

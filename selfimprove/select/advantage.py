@@ -50,9 +50,11 @@ def rows_with_advantages(
     groups: Mapping[Hashable, Sequence[int]],
     estimator: str,
     drop_zero: Callable[[Hashable], bool],
+    offset: Sequence[float] | None = None,
 ) -> tuple[list[dict], int]:
     """The rows of `groups` (key -> row indices), in row order, each with its `advantage` within its
-    group (`rewards` is per row), and the number of groups whose advantages are all 0.
+    group (`rewards` is per row) plus its `offset` (a term whose baseline is not the group's), and the
+    number of groups whose advantages are all 0.
 
     An all-zero group is left out where `drop_zero(key)`: it teaches nothing, only its KL term would
     train, at the cost of a forward/backward. Rows in no group are left out."""
@@ -60,6 +62,8 @@ def rows_with_advantages(
     zero_groups = 0
     for key, members in groups.items():
         group = group_advantages([rewards[i] for i in members], estimator)
+        if offset is not None:
+            group = [a + offset[i] for a, i in zip(group, members)]
         zero = not any(group)
         zero_groups += zero
         if not (zero and drop_zero(key)):
@@ -104,6 +108,13 @@ class GroupAdvantage(Stage):
     the digit sums of a wrong algorithm); this is the diversity half of information maximisation
     (SHOT, Liang et al. 2020: minimise entropy within an input, maximise it across inputs).
 
+    `surprisal_baseline`: what the bonus is measured against. `group` (as the agreement reward): the
+    bonus is part of the reward whose group mean is subtracted, so a prompt whose samples all give one
+    answer gets no advantage whatever that answer is. `batch`: each row's advantage also gets
+    λ·(its group's mean surprisal − the batch's), in reward units: diversity is a quantity across
+    prompts, so its baseline is the batch's, and a unanimous group whose answer other prompts share is
+    pushed off it (a collapse's fixed point: all samples agree, so the group teaches nothing).
+
     `min_agreement`/`max_agreement` drop prompts outside the band; `easiest_fraction` keeps that share
     of the remaining prompts, most self-consistent first; `drop_zero` drops groups whose advantages are
     all 0 (they would only add the KL term — and cost a forward/backward). The reward and advantage
@@ -121,9 +132,13 @@ class GroupAdvantage(Stage):
         easiest_fraction: float | None = None,
         drop_zero: bool = True,
         surprisal_weight: float = 0.0,
+        surprisal_baseline: str = "group",
     ) -> None:
         if estimator not in ESTIMATORS:
             raise ValueError(f"estimator: {estimator!r} is not one of {'|'.join(ESTIMATORS)}")
+        if surprisal_baseline not in ("group", "batch"):
+            raise ValueError(f"surprisal_baseline: {surprisal_baseline!r} is not group|batch")
+        self.surprisal_baseline = surprisal_baseline
         if easiest_fraction is not None and not 0 < easiest_fraction <= 1:
             raise ValueError(f"easiest_fraction must be in (0, 1], got {easiest_fraction}")
         self.reward, self.estimator = reward, estimator
@@ -157,8 +172,17 @@ class GroupAdvantage(Stage):
             group_rewards = _finite([score_of(rows[i], self.reward) for i in idx])
             for r, i in zip(group_rewards, idx):
                 row_reward[i] = r + self.surprisal_weight * surprisal[i]
+        offset = None
+        if self.surprisal_weight and self.surprisal_baseline == "batch" and kept_groups:
+            kept_rows = [i for idx in kept_groups.values() for i in idx]
+            batch_mean = statistics.fmean(surprisal[i] for i in kept_rows)
+            offset = [0.0] * len(rows)
+            for idx in kept_groups.values():
+                between = statistics.fmean(surprisal[i] for i in idx) - batch_mean
+                for i in idx:
+                    offset[i] = self.surprisal_weight * between
         out, zero_groups = rows_with_advantages(
-            rows, row_reward, kept_groups, self.estimator, lambda _: self.drop_zero
+            rows, row_reward, kept_groups, self.estimator, lambda _: self.drop_zero, offset
         )
         rewards = [row_reward[i] for idx in kept_groups.values() for i in idx]
         advantages = [row["advantage"] for row in out]
