@@ -21,7 +21,11 @@ RULES = [("final round", None), ("information", "unlabelled/information"), ("dev
 def spread(values: list[float]) -> str:
     if not values:
         return "—"
-    return f"{100 * statistics.median(values):+.1f} / {100 * min(values):+.1f} / {100 * max(values):+.1f}"
+    held = sum(v >= 0.15 for v in values)
+    return (
+        f"{100 * statistics.median(values):+.1f} / {100 * min(values):+.1f} / {100 * max(values):+.1f} "
+        f"({held} of {len(values)} ≥ +15)"
+    )
 
 
 def row(folder: Path, label: str) -> str:

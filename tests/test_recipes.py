@@ -39,7 +39,6 @@ SMALL = [
 EXTRA = {
     "label_free_dev50": ["eval.dev_problems=2"],  # its 50 dev problems, cut like eval.n_problems
     "label_free": ["eval.unlabelled_problems=2"],  # its 64 unlabelled prompts, cut the same way
-    "quickstart": ["eval.unlabelled_problems=2"],
 }
 
 

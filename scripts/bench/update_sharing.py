@@ -8,7 +8,7 @@ order alternating, median of --repeats after one warm-up each. Printed per path:
 the peak RSS the step adds (each path measured in a fresh child process on the saved rows, since a
 process's peak only grows), and the largest gradient difference relative to the largest gradient.
 
-Run:  HF_HUB_OFFLINE=1 .venv/bin/python scripts/bench/update_sharing.py [--recipe quickstart|score]
+Run:  HF_HUB_OFFLINE=1 .venv/bin/python scripts/bench/update_sharing.py [--recipe label_free|score]
       [--repeats 3] [--tiny] [--device cpu|cuda] [--dtype float32|bfloat16]
 """
 
@@ -92,7 +92,7 @@ def measure_memory(args) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--recipe", default="quickstart")
+    parser.add_argument("--recipe", default="label_free")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--tiny", action="store_true")
     parser.add_argument("--dtype", default="float32")
