@@ -38,7 +38,9 @@ def row(folder: Path, label: str) -> str:
             by_round = dict(zip(rounds, acc))
             chosen = rounds[-1]
             if key is not None:
-                chosen = select_round([{"round": r, **m} for r, m in run.rounds.items()], key).get("selected/round")
+                chosen = select_round([{"round": r, **m} for r, m in run.rounds.items()], key).get(
+                    "selected/round"
+                )
             if chosen is None:
                 continue
             gains.append(by_round[chosen] - by_round[0])

@@ -270,6 +270,10 @@ def validate_targets(cfg: DictConfig) -> Plan:
         raise ConfigError("trainer.optimizer=adamw_8bit needs bitsandbytes: pip install bitsandbytes")
     if cfg.loop.prompt_order not in ("seeded", "fixed"):
         raise ConfigError(f"loop.prompt_order: {cfg.loop.prompt_order!r} is not seeded|fixed")
+    if cfg.eval.every < 1:
+        raise ConfigError(
+            f"eval.every: {cfg.eval.every} (evaluate every N >= 1 rounds; eval.before=false skips round 0)"
+        )
     needs = {"dev/accuracy": "dev_problems", "unlabelled/information": "unlabelled_problems"}
     if cfg.eval.select_by is not None and cfg.eval.select_by not in needs:
         raise ConfigError(f"eval.select_by: {cfg.eval.select_by!r} is not null|{'|'.join(needs)}")

@@ -211,6 +211,7 @@ def test_zero_selected_skips_the_update(tmp_path):
         ),
         (["eval.select_by=unlabelled/information"], "reads eval.unlabelled_problems, which is 0"),
         (["eval.select_by=dev/accuracy"], "reads eval.dev_problems, which is 0"),
+        (["eval.every=0"], "eval.every: 0 (evaluate every N >= 1 rounds"),
     ],
 )
 def test_prompt_order_and_model_selection_are_checked_at_config_time(overrides, message):

@@ -46,7 +46,13 @@ from pathlib import Path
 
 import torch
 
-COMMON = ["recipe=label_free", "eval.k=0", "eval.before=true", "eval.unlabelled_problems=0", "eval.select_by=null"]
+COMMON = [
+    "recipe=label_free",
+    "eval.k=0",
+    "eval.before=true",
+    "eval.unlabelled_problems=0",
+    "eval.select_by=null",
+]
 TINY = ["model=tiny", "loop.rounds=2", "eval.n_problems=32"]
 EMBEDDED = ["model=smollm2_135m", "loop.rounds=2", "loop.prompts_per_round=16", "eval.n_problems=32"]
 
