@@ -222,6 +222,9 @@ def test_minus_trap() -> None:
         ("-3", "-3"),
         ("2.50", "2.5"),
         ("3/4", "0.75"),
+        ("2.83/1", "2.83"),  # a decimal over a denominator: once a crash that ended a depth1 run
+        ("1.5/3", "0.5"),
+        ("7/0", "7"),
     ],
 )
 def test_extract_answer(completion: str, expected: str | None) -> None:

@@ -268,10 +268,11 @@ class ArithmeticTask(Task):
         match = _NUMBER_RE.search(text)
         if match is None:
             return None
-        token = match.group(0)
-        if "/" in token and int(token.split("/")[1]) == 0:
-            token = token.split("/")[0]  # "x/0" is not a number; keep the numerator
-        return canonical_number(token)
+        numerator, _, denominator = match.group(0).partition("/")
+        value = Fraction(numerator)  # "2.83/1": Fraction() reads no decimal in a fraction, so divide here
+        if denominator and int(denominator) != 0:  # "x/0" is not a number; keep the numerator
+            value /= int(denominator)
+        return canonical_number(value)
 
     def reward(self, completion: str, problem: Problem) -> float:
         """1.0 for an exact (canonical) match, else the RandomCalculation partial reward,
