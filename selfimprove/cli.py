@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+import traceback
 import tempfile
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -95,6 +96,12 @@ def _train_app(cfg: DictConfig) -> None:
         _fail(e)
     except CheckpointError as e:
         sys.exit(f"checkpoint error: {e}")
+    except Exception:
+        if hc.mode == RunMode.MULTIRUN:  # Hydra holds a job's error until the whole sweep ends: say it now
+            print(
+                f"[selfimprove] {cfg.run.dir} failed:\n{traceback.format_exc()}", file=sys.stderr, flush=True
+            )
+        raise
     _in_job = False
 
 

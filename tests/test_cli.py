@@ -112,6 +112,20 @@ def test_sweep_gives_each_job_its_own_run_folder(tmp_path):
     assert sorted(p.name for p in run_dir.iterdir()) == ["multirun.yaml", "seed=1", "seed=2"]
 
 
+def test_a_failing_job_of_a_sweep_says_so_when_it_fails(tmp_path):
+    """Hydra keeps a job's exception until every job has run; the job prints it when it happens."""
+    run_dir = tmp_path / "sweep"
+    cheap = ["recipe=oracle_sft", "model=tiny", "loop.rounds=1", "eval.before=false", "eval.n_problems=2"]
+    # 10**6 new tokens exceed the tiny model's context: the second job fails while sampling round 1
+    proc = run_cli(
+        ["train", "-m", "sampler.max_new_tokens=2,1000000", *cheap, f"run.dir={run_dir}"], check=False
+    )
+    assert proc.returncode != 0
+    failed = proc.stderr.index(f"[selfimprove] {run_dir}/sampler.max_new_tokens=1000000 failed:")
+    assert "exceeds the model's context" in proc.stderr[failed:]
+    assert (run_dir / "sampler.max_new_tokens=2" / "metrics.jsonl").exists()  # the first job ran whole
+
+
 # --- eval on another task ----------------------------------------------------------------------------
 
 
