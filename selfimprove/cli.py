@@ -10,8 +10,8 @@ from __future__ import annotations
 import json
 import os
 import sys
-import traceback
 import tempfile
+import traceback
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
