@@ -37,12 +37,8 @@ def eval_key(cfg: DictConfig) -> str:
         "max_prompt_tokens": cfg.sampler.max_prompt_tokens,
         "rollout": OmegaConf.to_container(cfg.rollout, resolve=True) if cfg.get("rollout") else None,
     }
-    for key in (
-        "every",
-        "k_every_round",
-        "before",
-        "select_by",
-    ):  # when, not what (batch_size sets the units' seeds)
+    # when and which round to report, not what is measured (batch_size sets the units' seeds)
+    for key in ("every", "k_every_round", "before", "select_by"):
         parts["eval"].pop(key, None)
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:10]
 

@@ -166,12 +166,12 @@ def answer_information(groups: dict[str, Sequence[Hashable | None]]) -> dict[str
         total = sum(counts.values())
         return 0.0 - sum(c / total * math.log(c / total) for c in counts.values())  # 0.0, not -0.0
 
-    pooled = Counter(a for answers in groups.values() for a in answers)
+    pooled = entropy(Counter(a for answers in groups.values() for a in answers))
     within = [entropy(Counter(answers)) for answers in groups.values()]
     agreement = [max(Counter(answers).values()) / len(answers) for answers in groups.values()]
     return {
-        "information": entropy(pooled) - sum(within) / len(within),
-        "answer_entropy": entropy(pooled),
+        "information": pooled - sum(within) / len(within),
+        "answer_entropy": pooled,
         "agreement": sum(agreement) / len(agreement),
     }
 

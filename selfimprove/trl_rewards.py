@@ -10,7 +10,8 @@ A reward function sees one generation batch: each prompt with its `num_generatio
 group). The rewards are the loop's own scorers on those rows, so trl and `selfimprove train` reward
 alike: `empo` (the share of the group giving the completion's answer), `ttrl` (1 for the group's
 majority answer) and `label_free` (EMPO's share + λ × the answer's surprisal among the batch's other
-prompts' answers: the quickstart's reward). They need the batch to hold whole groups (trl's sampler
+prompts' answers: the `label_free` recipe's reward; trl subtracts each group's mean, so this is the
+recipe with `selector.surprisal_baseline=group`: the batch baseline is an advantage term, not a reward). They need the batch to hold whole groups (trl's sampler
 keeps a prompt's generations together) and, for `label_free`, several prompts (per_device batch ≥ 2 ×
 num_generations). The rewards that read the model's own token distribution (self-certainty, RENT's
 entropy) are not here: trl hands a reward function text and ids, not the policy's logits.
@@ -89,7 +90,7 @@ def ttrl_reward(task: Any) -> RewardFunction:
     return _named(reward, "ttrl")
 
 
-def label_free_reward(task: Any, surprisal_weight: float = 0.1) -> RewardFunction:
+def label_free_reward(task: Any, surprisal_weight: float = 0.3) -> RewardFunction:
     """The quickstart's reward: EMPO's share + λ·log((M + 1)/(c + 1)), c of the batch's M completions
     of other prompts giving the same answer (agreement within a prompt, diversity across prompts)."""
     extract = _extractor(task)
