@@ -65,6 +65,28 @@ class VLLMConfig:
 
 
 @dataclass
+class BacktrackConfig:
+    """sampler.backtrack: tokenwise rejection sampling with backtracking (`sampling/backtrack.py`)."""
+
+    quota: int = 0  # backtracks per sequence (0: off); the paper's code job: 4
+    block: int = 4  # tokens erased per backtrack (B)
+    threshold: float = 0.5  # reject when P(error) >= threshold
+    same_prefix_once: bool = True
+    verifier: str = "task"  # task | probe
+    layer: int = -1  # probe: the hidden layer it reads
+
+    def check(self, where: str = "sampler.backtrack") -> None:
+        if self.quota < 0:
+            raise ValueError(f"{where}.quota={self.quota}: must be >= 0 (0 turns backtracking off)")
+        if self.block < 1:
+            raise ValueError(f"{where}.block={self.block}: must be >= 1 token")
+        if not 0.0 < self.threshold <= 1.0:
+            raise ValueError(f"{where}.threshold={self.threshold}: must be in (0, 1]")
+        if self.verifier not in ("task", "probe"):
+            raise ValueError(f"{where}.verifier={self.verifier!r}: not task|probe")
+
+
+@dataclass
 class SamplerConfig:
     backend: str = "hf"  # hf (transformers generate, everywhere) | vllm (GPU, the 'vllm' extra)
     compile: str = (
@@ -75,9 +97,12 @@ class SamplerConfig:
     n: int = 8
     temperature: float = 1.0
     top_p: float = 1.0
+    typical_p: float = 1.0  # locally typical sampling's mass τ (Meister et al.); 1: off
     max_new_tokens: int = 6
     batch_size: int = 64  # sequences per generate call
     max_prompt_tokens: int = 512
+    # tokenwise rejection sampling with backtracking (Botta et al.): quota 0 is off
+    backtrack: BacktrackConfig = field(default_factory=BacktrackConfig)
 
 
 @dataclass
@@ -268,6 +293,7 @@ def validate_targets(cfg: DictConfig) -> Plan:
         raise ConfigError(f"trainer.optimizer: {cfg.trainer.optimizer!r} is not adamw|adamw_8bit|sgd")
     if cfg.trainer.optimizer == "adamw_8bit" and importlib.util.find_spec("bitsandbytes") is None:
         raise ConfigError("trainer.optimizer=adamw_8bit needs bitsandbytes: pip install bitsandbytes")
+    _check_sampler(cfg.sampler)
     if cfg.loop.prompt_order not in ("seeded", "fixed"):
         raise ConfigError(f"loop.prompt_order: {cfg.loop.prompt_order!r} is not seeded|fixed")
     if cfg.eval.every < 1:
@@ -289,6 +315,25 @@ def validate_targets(cfg: DictConfig) -> Plan:
     if (cfg.ema.sample_from == "ema" or "ema" in cfg.ema.evaluate) and not cfg.ema.enabled:
         raise ConfigError("ema.sample_from/ema.evaluate use 'ema' but ema.enabled is false")
     return plan
+
+
+def _check_sampler(sampler) -> None:
+    """The sampling options and backtracking settings, each error naming its key."""
+    from selfimprove.sampling.decode import WARPERS, check_warper_options
+
+    try:
+        check_warper_options({k: sampler[k] for k in WARPERS})
+        BacktrackConfig(**sampler.backtrack).check()
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    if sampler.backend == "vllm" and sampler.typical_p != 1.0:
+        raise ConfigError(
+            f"sampler.typical_p={sampler.typical_p}: vLLM has no typical sampling; use sampler=hf"
+        )
+    if sampler.backend == "vllm" and sampler.backtrack.quota > 0:
+        raise ConfigError(
+            "sampler.backtrack.quota > 0: backtracking erases from our own KV cache; use sampler=hf"
+        )
 
 
 SCHEDULED = ("verifiers", "selector", "objective")

@@ -29,6 +29,7 @@ from selfimprove.logging import MetricsLogger, progress, trim_metrics
 from selfimprove.metrics import select_round, summarize_round
 from selfimprove.parts import Parts, Plan
 from selfimprove.resume import resume_diff
+from selfimprove.sampling.backtrack import fit_round_probe
 from selfimprove.stages import Context, Scorer
 
 _stop = {"requested": False}
@@ -127,6 +128,10 @@ class Loop:
         with r.phase("sample"):
             if weights == "ema":
                 self.engine.share_ema()  # collective: before the units, which ranks split
+            if cfg.sampler.backtrack.quota > 0 and cfg.sampler.backtrack.verifier == "probe":
+                # the learned verifier, fitted on the last round's checked samples (recomputed on resume)
+                last = self.run_dir / "rounds" / f"r{r.number - 1:04d}" / "samples"
+                self.engine.probe = fit_round_probe(self.engine, last, cfg.sampler.backtrack.layer)
             rows = phases.sample_units(
                 r.folder / "samples",
                 problems,

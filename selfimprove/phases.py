@@ -27,8 +27,16 @@ def units(n_prompts: int, n: int, batch_size: int) -> list[range]:
 
 
 def generation_options(sampler) -> dict:
-    """What `generate` takes from the `sampler` config group."""
-    return dict(max_new_tokens=sampler.max_new_tokens, temperature=sampler.temperature, top_p=sampler.top_p)
+    """What `generate` takes from the `sampler` config group: the length, every sampling option of
+    `decode.WARPERS`, and the backtracking settings where backtracking is on (the rollout builds the
+    verifier from them)."""
+    from selfimprove.config import BacktrackConfig
+    from selfimprove.sampling.decode import WARPERS
+
+    options = dict(max_new_tokens=sampler.max_new_tokens, **{k: sampler[k] for k in WARPERS if k in sampler})
+    if "backtrack" in sampler and sampler.backtrack.quota > 0:
+        options["backtrack"] = BacktrackConfig(**sampler.backtrack)
+    return options
 
 
 def _shard(folder: Path, unit: int) -> Path:

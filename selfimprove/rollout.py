@@ -42,6 +42,23 @@ def attempt_row(task, problem: Problem, prompt_ids: list[int], sample_idx: int, 
     }
 
 
+def with_backtracker(ctx: Context, gen: dict, problems: Sequence[Problem]) -> dict:
+    """`gen` with its backtracking settings (`sampler.backtrack`) made into this call's `Backtracker`:
+    the task's exact prefix check on these rows' problems, or the probe the loop fitted on the last
+    round's checked samples (none before there are any: the first round samples plainly)."""
+    settings = gen.get("backtrack")
+    if settings is None or not hasattr(settings, "verifier"):
+        return gen
+    from selfimprove.sampling.backtrack import Backtracker, TaskVerifier
+
+    if settings.verifier == "task":
+        verifier = TaskVerifier(ctx.task, list(problems), ctx.tokenizer)
+    else:
+        verifier = getattr(ctx.engine, "probe", None)
+    rest = {k: v for k, v in gen.items() if k != "backtrack"}
+    return rest if verifier is None else {**rest, "backtrack": Backtracker(settings, verifier)}
+
+
 class OneTurn:
     """n completions of each problem: the rows of every single-turn recipe."""
 
@@ -53,6 +70,7 @@ class OneTurn:
     def __call__(self, ctx: Context, problems: Sequence[Problem], n: int, gen: dict) -> list[dict]:
         """`gen`: what `generate` takes (max_new_tokens, temperature, weights, ...); seeded by the unit."""
         prompts = [ctx.encode(p) for p in problems]
+        gen = with_backtracker(ctx, gen, [p for p in problems for _ in range(n)])
         outs = ctx.generate([p for p in prompts for _ in range(n)], seed=ctx.seed, **gen)
         return [
             attempt_row(ctx.task, problems[j // n], prompts[j // n], j % n, out) for j, out in enumerate(outs)
@@ -86,6 +104,7 @@ class TwoAttempts(OneTurn):
         firsts = super().__call__(ctx, problems, n, gen)
         retries = [self.retry(problems[j // n], row) for j, row in enumerate(firsts)]
         prompts = [ctx.encode(p) for p in retries]
+        gen = with_backtracker(ctx, gen, [problems[j // n] for j in range(len(retries))])
         outs = ctx.generate(prompts, seed=dist.derive_seed(ctx.seed, "turn2"), **gen)
         rows = []
         for j, (first, out) in enumerate(zip(firsts, outs)):

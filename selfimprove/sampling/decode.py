@@ -1,12 +1,16 @@
 """The eager sampling loop, on a prefilled prompt cache (`prefix.prompt_cache` or `plain_prefill`).
 
-It does what generate's sampling loop does — logits / temperature, cut by top-p, softmax, multinomial
-(argmax when greedy), stop at EOS — with three differences that matter on a CPU, where each forward
-costs in proportion to its rows × tokens: the first token is sampled from the prefill's logits (one
-per distinct prompt when prompts are shared, not one forward per row), a row that has sampled EOS
-leaves the batch (its cache rows dropped), and each step's statistics are recorded in the same pass:
-the log-prob of the sampled token under the distribution that sampled it, the model's own
-self-certainty and entropy (`token_stats` of the untempered logits).
+It does what generate's sampling loop does — the logits through the sampling warpers (`warpers`:
+temperature, top-p, typical), softmax, multinomial (argmax when greedy), stop at EOS — with three
+differences that matter on a CPU, where each forward costs in proportion to its rows × tokens: the
+first token is sampled from the prefill's logits (one per distinct prompt when prompts are shared, not
+one forward per row), a row that has sampled EOS leaves the batch (its cache rows dropped), and each
+step's statistics are recorded in the same pass: the log-prob of the sampled token under the
+distribution that sampled it, the model's own self-certainty and entropy (`token_stats` of the
+unwarped logits).
+
+With a `backtrack.Backtracker` it also erases: before each token a process verifier judges each row's
+prefix, and a rejected row drops its last tokens and samples again from there (Botta et al.).
 """
 
 from __future__ import annotations
@@ -14,11 +18,46 @@ from __future__ import annotations
 import math
 
 import torch
-from transformers import TopPLogitsWarper
+from transformers import (
+    LogitsProcessorList,
+    TemperatureLogitsWarper,
+    TopPLogitsWarper,
+    TypicalLogitsWarper,
+)
 
 from selfimprove.sampling.prefix import CACHE, PromptCache
 
 STATS = ("logprobs", "self_certainty", "entropy")
+
+# The sampling options, in the order generate applies their warpers, each with the value that turns
+# it off. A new option is one entry here (and one field of `SamplerConfig`).
+WARPERS = {
+    "temperature": (TemperatureLogitsWarper, 1.0),
+    "top_p": (TopPLogitsWarper, 1.0),
+    "typical_p": (TypicalLogitsWarper, 1.0),
+}
+
+
+def check_warper_options(options: dict, where: str = "sampler") -> None:
+    """A clear error naming the key for a value no warper takes (at config time and per call)."""
+    for key, value in options.items():
+        if key not in WARPERS:
+            raise ValueError(f"{where}.{key}: not a sampling option (known: {', '.join(WARPERS)})")
+        if key == "temperature" and not value > 0:
+            raise ValueError(f"{where}.temperature={value}: must be > 0 (greedy decoding is its own mode)")
+        if key != "temperature" and not 0 < value <= 1:
+            raise ValueError(f"{where}.{key}={value}: must be in (0, 1] (1 turns it off)")
+
+
+def warpers(greedy: bool = False, **options: float) -> LogitsProcessorList:
+    """The warpers that turn the model's logits into the distribution that samples: transformers' own
+    classes, in generate's order; empty when greedy or every option is at its off value."""
+    check_warper_options(options)
+    if greedy:
+        return LogitsProcessorList()
+    return LogitsProcessorList(
+        cls(options[key]) for key, (cls, off) in WARPERS.items() if options.get(key, off) != off
+    )
 
 
 def token_stats(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -38,16 +77,13 @@ def token_stats(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch
 
 
 def sampling_logprobs(
-    scores: torch.Tensor, model_logprobs: torch.Tensor, temperature: float, top_p: TopPLogitsWarper | None
+    scores: torch.Tensor, model_logprobs: torch.Tensor, warp: LogitsProcessorList
 ) -> torch.Tensor:
-    """Log-probs of the distribution that samples: the logits divided by the temperature and cut by
-    top-p, as generate's warpers do (the model's own where neither applies)."""
-    if temperature == 1.0 and top_p is None:
+    """Log-probs of the distribution that samples: the logits through `warp` (the model's own when
+    nothing warps). The warpers ignore input_ids."""
+    if not warp:
         return model_logprobs
-    warped = scores.float() / temperature
-    if top_p is not None:
-        warped = top_p(None, warped)
-    return torch.log_softmax(warped, dim=-1)
+    return torch.log_softmax(warp(None, scores.float()), dim=-1)
 
 
 @torch.no_grad()
@@ -58,50 +94,81 @@ def sample(
     max_new_tokens: int,
     eos: int | None,
     pad: int,
-    temperature: float = 1.0,
-    top_p: float = 1.0,
+    warp: LogitsProcessorList,
     greedy: bool = False,
     record: bool = True,
+    backtrack=None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Sampled tokens [rows, max_new_tokens] (`pad` after a row's EOS) and, if record, each of
     `STATS` as [rows, max_new_tokens] fp32 on the CPU (0 after a row's EOS). Seeded by torch's global
-    generator, like generate."""
+    generator, like generate. `backtrack`: a `backtrack.Backtracker` (its per-row counts are on it
+    after the call)."""
     logits = prefilled.logits
     device = logits.device
     rows = logits.shape[0]
-    cut = TopPLogitsWarper(top_p) if top_p < 1.0 and not greedy else None
-    temperature = 1.0 if greedy else temperature
     tokens = torch.full((rows, max_new_tokens), pad, dtype=torch.long, device=device)
     stats = {k: torch.zeros(rows, max_new_tokens, device=device) for k in STATS} if record else {}
+    length = torch.zeros(rows, dtype=torch.long, device=device)  # tokens kept, per row
     active = torch.arange(rows, device=device)  # the rows still sampling, in the cache's order
     attention = prefilled.attention_mask.to(device)
     cache = prefilled.cache
-    for step in range(max_new_tokens):
-        scores = logits.float()
+    hidden = None  # the last fed token's hidden state, for a verifier that reads one
+    if backtrack is not None:
+        backtrack.start(rows, prefilled.input_ids[:, -1].to(device), attention.shape[1] - 1, pad)
+    while True:
+        feed = None
+        if backtrack is not None:  # judge each prefix; erase where rejected; finished rows leave
+            feed, attention = backtrack.step(active, tokens, length, attention, hidden, max_new_tokens, eos)
+            if stats:  # an erased token's statistics go with it
+                erased = torch.arange(max_new_tokens, device=device)[None] >= length[active][:, None]
+                for v in stats.values():
+                    v[active] = v[active].masked_fill(erased, 0.0)
+            done = backtrack.finished(active, tokens, length, feed, max_new_tokens, eos)
+            if done.any():
+                keep = (~done).nonzero()[:, 0]
+                if len(keep) == 0:
+                    break
+                active, feed, attention, logits = active[keep], feed[keep], attention[keep], logits[keep]
+                cache.batch_select_indices(keep)
+        sampling = torch.ones(len(active), dtype=torch.bool, device=device) if feed is None else feed < 0
+        scores = logits[sampling].float()
         if record or not greedy:  # greedy evaluation needs only the argmax
             model_logprobs, certainty, entropy = token_stats(scores)
-            logprobs = sampling_logprobs(scores, model_logprobs, temperature, cut)
+            logprobs = sampling_logprobs(scores, model_logprobs, warp)
         chosen = scores.argmax(-1) if greedy else torch.multinomial(logprobs.exp(), num_samples=1)[:, 0]
-        tokens[active, step] = chosen
+        rows_now, at = active[sampling], length[active[sampling]]
+        tokens[rows_now, at] = chosen
         if record:
-            stats["logprobs"][active, step] = logprobs.gather(1, chosen[:, None])[:, 0]
-            stats["self_certainty"][active, step] = certainty
-            stats["entropy"][active, step] = entropy
-        if step == max_new_tokens - 1:
-            break
-        going = chosen != eos if eos is not None else torch.ones_like(chosen, dtype=torch.bool)
-        if not going.all():  # finished rows leave the batch: later steps cost only the rows still going
-            if not going.any():
-                break
-            keep = going.nonzero()[:, 0]
-            active, chosen, attention = active[keep], chosen[keep], attention[keep]
-            cache.batch_select_indices(keep)
+            stats["logprobs"][rows_now, at] = logprobs.gather(1, chosen[:, None])[:, 0]
+            stats["self_certainty"][rows_now, at] = certainty
+            stats["entropy"][rows_now, at] = entropy
+        length[rows_now] += 1
+        if feed is None:
+            feed = chosen
+        else:
+            feed[sampling] = chosen
+        if backtrack is None:  # finished rows leave the batch now: later steps cost only the rows going
+            going = (length[active] < max_new_tokens) & (feed != eos if eos is not None else True)
+            if not going.all():
+                if not going.any():
+                    break
+                keep = going.nonzero()[:, 0]
+                active, feed, attention = active[keep], feed[keep], attention[keep]
+                cache.batch_select_indices(keep)
+        else:
+            backtrack.fed(active, sampling, length, attention.shape[1])
         attention = torch.cat([attention, attention.new_ones(len(active), 1)], dim=1)
-        logits = model(
-            input_ids=chosen[:, None],
+        out = model(
+            input_ids=feed[:, None],
             attention_mask=attention,
             position_ids=attention.sum(-1, keepdim=True) - 1,
             **{CACHE: cache},
             use_cache=True,
-        ).logits[:, -1]
+            output_hidden_states=backtrack is not None and backtrack.reads_hidden,
+        )
+        logits = out.logits[:, -1]
+        if backtrack is not None and backtrack.reads_hidden:
+            hidden = out.hidden_states[backtrack.layer][:, -1].float()
+    if backtrack is not None:
+        backtrack.lengths = length.cpu()
     return tokens.cpu(), {k: v.float().cpu() for k, v in stats.items()}

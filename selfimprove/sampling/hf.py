@@ -8,14 +8,10 @@ import copy
 from collections.abc import Iterator
 
 import torch
-from transformers import (
-    GenerationConfig,
-    LogitsProcessor,
-    LogitsProcessorList,
-    TopPLogitsWarper,
-)
+from transformers import GenerationConfig, LogitsProcessor, LogitsProcessorList
 
 from selfimprove.sampling import decode
+from selfimprove.sampling.backtrack import Backtracker
 from selfimprove.sampling.decode import token_stats
 from selfimprove.sampling.prefix import (
     CACHE,
@@ -36,21 +32,20 @@ from selfimprove.sampling.static import (
 
 
 class StatsRecorder(LogitsProcessor):
-    """Reduces each step's logits to three numbers per sequence and passes them on untouched.
+    """The static path's sampling step: warps the logits with the sampler's `warp` list (so generate
+    samples from exactly the distribution the eager loop would) and records each step on the way.
 
-    Custom processors run after transformers' built-in processors but before the sampling warpers
-    (temperature, top-p), and the sampler builds a GenerationConfig with no built-in processors (and
-    keeps the model's saved generation defaults out: `neutral_generation_defaults`), so what this
-    sees is the model's own distribution: self-certainty and entropy are the model's. The recorded
-    log-probs are those of the distribution that *sampled* — the logits divided by the temperature and
-    cut by top-p, as generate's warpers do next — since that is what an importance ratio divides by
-    (the PPO/GRPO ratio π/π_old). The sampled token's log-prob is only known at the next step (or after generate
-    returns, for the last one), so one step's log-probs are kept: memory O(batch × vocab).
+    The sampler builds a GenerationConfig with no processors or warpers of its own (and keeps the
+    model's saved generation defaults out: `neutral_generation_defaults`), so what this sees is the
+    model's own distribution: self-certainty and entropy are the model's. The recorded log-probs are
+    those of the distribution that *sampled* (after `warp`), since that is what an importance ratio
+    divides by (the PPO/GRPO ratio π/π_old). The sampled token's log-prob is only known at the next
+    step (or after generate returns, for the last one), so one step's log-probs are kept: memory
+    O(batch × vocab).
     """
 
-    def __init__(self, temperature: float = 1.0, top_p: float = 1.0) -> None:
-        self.temperature = temperature
-        self.top_p = TopPLogitsWarper(top_p) if top_p < 1.0 else None
+    def __init__(self, warp: LogitsProcessorList, record: bool = True) -> None:
+        self.warp, self.record = warp, record
         self.logprobs: list[torch.Tensor] = []
         self.self_certainty: list[torch.Tensor] = []
         self.entropy: list[torch.Tensor] = []
@@ -61,13 +56,16 @@ class StatsRecorder(LogitsProcessor):
             self.logprobs.append(self._prev.gather(1, tokens.to(self._prev.device)[:, None])[:, 0])
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        warped = self.warp(input_ids, scores) if self.warp else scores
+        if not self.record:
+            return warped
         if self.self_certainty:  # from the second step on, the last token was sampled by us
             self._take(input_ids[:, -1])
         model_logprobs, sc, ent = token_stats(scores)
-        self._prev = decode.sampling_logprobs(scores, model_logprobs, self.temperature, self.top_p)
+        self._prev = torch.log_softmax(warped.float(), dim=-1) if self.warp else model_logprobs
         self.self_certainty.append(sc)
         self.entropy.append(ent)
-        return scores
+        return warped
 
     def finish(self, sequences: torch.Tensor) -> None:
         self._take(sequences[:, -1])
@@ -161,32 +159,43 @@ class HFSampler:
         prompts: list[list[int]],
         *,
         max_new_tokens: int,
-        temperature: float = 1.0,
-        top_p: float = 1.0,
         greedy: bool = False,
         seed: int = 0,
         record: bool = True,
+        backtrack: Backtracker | None = None,
+        **sampling: float,
     ) -> list[dict]:
-        """One completion per prompt (repeat a prompt to get several). Returns one dict per prompt:
-        completion_ids, completion text, and (if record) per-token logprobs (of the sampling
-        distribution: at this temperature and top-p), self_certainty and entropy (of the model's).
+        """One completion per prompt (repeat a prompt to get several). `sampling`: the options of
+        `decode.WARPERS` (temperature, top_p, typical_p). Returns one dict per prompt: completion_ids,
+        completion text, and (if record) per-token logprobs (of the sampling distribution, after the
+        warpers), self_certainty and entropy (of the model's); with `backtrack` (the eager loop), its
+        per-row counts (backtracks, query_cost, quota_spent).
         """
         limit = getattr(model.config, "max_position_embeddings", None)
         if limit and max(len(p) for p in prompts) + max_new_tokens > limit:
             raise ValueError(f"prompt + max_new_tokens exceeds the model's context of {limit} tokens")
         pad, eos = self.tokenizer.pad_token_id, self.tokenizer.eos_token_id
-        settings = {"temperature": temperature, "top_p": top_p, "greedy": greedy, "record": record}
+        warp = decode.warpers(greedy, **sampling)
         static, compiled = compile_mode(self.compile, next(model.parameters()).device, max_new_tokens)
         torch.manual_seed(seed)
-        if static:
-            new, stats = self._generate_static(model, prompts, max_new_tokens, compiled, **settings)
+        if static and backtrack is None:  # backtracking erases from the cache: the eager loop only
+            new, stats = self._generate_static(model, prompts, max_new_tokens, compiled, warp, greedy, record)
         else:
             prefilled = (self.share_prompts and prompt_cache(model, prompts, pad)) or plain_prefill(
                 model, prompts, pad
             )
             new, stats = decode.sample(
-                model, prefilled, max_new_tokens=max_new_tokens, eos=eos, pad=pad, **settings
+                model,
+                prefilled,
+                max_new_tokens=max_new_tokens,
+                eos=eos,
+                pad=pad,
+                warp=warp,
+                greedy=greedy,
+                record=record,
+                backtrack=backtrack,
             )
+        counts = backtrack.results() if backtrack is not None else [{}] * len(prompts)
         rows = []
         for i in range(len(prompts)):
             ids = new[i].tolist()
@@ -196,7 +205,7 @@ class HFSampler:
                 "completion": self.tokenizer.decode(ids[:n], skip_special_tokens=True),
             }
             row.update({k: v[i, :n].tolist() for k, v in stats.items()})
-            rows.append(row)
+            rows.append({**row, **counts[i]})
         return rows
 
     def _generate_static(
@@ -205,9 +214,7 @@ class HFSampler:
         prompts: list[list[int]],
         max_new_tokens: int,
         compiled: bool,
-        *,
-        temperature: float,
-        top_p: float,
+        warp: LogitsProcessorList,
         greedy: bool,
         record: bool,
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
@@ -215,10 +222,8 @@ class HFSampler:
         the recorder captures the statistics. Tokens [rows, steps] and stats on the CPU."""
         pad, eos, n_rows = self.tokenizer.pad_token_id, self.tokenizer.eos_token_id, len(prompts)
         device = next(model.parameters()).device
-        gen_cfg = GenerationConfig(
+        gen_cfg = GenerationConfig(  # no warpers of its own: `warp` is applied by the recorder
             do_sample=not greedy,
-            temperature=temperature if not greedy else None,
-            top_p=top_p if not greedy else None,
             top_k=0 if not greedy else None,
             max_new_tokens=max_new_tokens,
             pad_token_id=pad,
@@ -237,7 +242,7 @@ class HFSampler:
                 batch, pad, width=round_up(max(map(len, batch)), self.length_bucket)
             )
         finish = [FinishRows(n_rows, eos)] if len(batch) > n_rows and eos is not None else []
-        recorder = StatsRecorder(*((1.0, 1.0) if greedy else (temperature, top_p))) if record else None
+        recorder = StatsRecorder(warp, record) if record or warp else None
         width = input_ids.shape[1]
         with neutral_generation_defaults(model):
             out = model.generate(
@@ -249,7 +254,7 @@ class HFSampler:
                 logits_processor=LogitsProcessorList(([recorder] if recorder else []) + finish),
             )
         stats = {}
-        if recorder:
+        if recorder and record:
             recorder.finish(out[:, width:])  # on the device, like the logits it gathers from
             stats = {k: v[:n_rows] for k, v in recorder.stacked().items()}
         return out[:n_rows, width:].cpu(), stats

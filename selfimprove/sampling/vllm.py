@@ -301,11 +301,15 @@ class VLLMSampler:
         max_new_tokens: int,
         temperature: float = 1.0,
         top_p: float = 1.0,
+        typical_p: float = 1.0,
         greedy: bool = False,
         seed: int = 0,
         record: bool = True,
     ) -> list[dict]:
-        """As HFSampler.generate; `model` is ignored (vLLM holds its own copy, updated by push)."""
+        """As HFSampler.generate; `model` is ignored (vLLM holds its own copy, updated by push).
+        vLLM has no typical sampling (refused at config time, and here)."""
+        if typical_p != 1.0:
+            raise ValueError(f"typical_p={typical_p}: vLLM has no typical sampling; use sampler=hf")
         longest = max((len(p) for p in prompts), default=0) + max_new_tokens
         if longest > self.max_model_len:
             raise ValueError(

@@ -2,8 +2,18 @@
 
 from selfimprove.tasks.arithmetic import ArithmeticTask
 from selfimprove.tasks.base import Problem, Task, is_correct
+from selfimprove.tasks.dyck import DyckTask
 from selfimprove.tasks.hf_dataset import HFDatasetTask
 from selfimprove.tasks.jsonl import JsonlTask
 from selfimprove.tasks.text import TextTask
 
-__all__ = ["ArithmeticTask", "HFDatasetTask", "JsonlTask", "Problem", "Task", "TextTask", "is_correct"]
+__all__ = [
+    "ArithmeticTask",
+    "DyckTask",
+    "HFDatasetTask",
+    "JsonlTask",
+    "Problem",
+    "Task",
+    "TextTask",
+    "is_correct",
+]

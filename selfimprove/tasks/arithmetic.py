@@ -29,6 +29,8 @@ _MAX_POWER_BITS = 100_000  # guards against "9^9^9"-style blow-ups
 _TOKEN_RE = re.compile(r"\d+(?:\.\d+)?|[-+*/^()]|(\S)")
 _NUMBER_RE = re.compile(r"-?\d+(?:\.\d+)?(?:/\d+)?")
 _MAX_DRAWS = 10_000
+# what a completion after the prefill "a + b = " may begin with and still be an answer: a number
+_ANSWER_START_RE = re.compile(r"\s*-?(\d+(\.\d*)?(/\d*)?)?")
 
 
 def _tokenize(text: str) -> list[str]:
@@ -273,6 +275,19 @@ class ArithmeticTask(Task):
         if denominator and int(denominator) != 0:  # "x/0" is not a number; keep the numerator
             value /= int(denominator)
         return canonical_number(value)
+
+    def prefix_error(self, problem: Problem, text: str, ended: bool, remaining: int) -> bool:
+        """The answer format as a process verifier: after the prefill the reply must begin with a
+        number (what `extract_answer` reads), so a prefix whose first non-space character cannot start
+        one, or a reply that ends before any digit, is an error. Anything goes after the number; without
+        a prefill the model may restate the expression first, so nothing is checked."""
+        if not self.prefill:
+            return False
+        start = _ANSWER_START_RE.match(text)
+        has_digit = start is not None and start.group(1) is not None
+        if start.end() < len(text) and not has_digit:
+            return True  # something other than a number came first
+        return ended and not has_digit
 
     def reward(self, completion: str, problem: Problem) -> float:
         """1.0 for an exact (canonical) match, else the RandomCalculation partial reward,
