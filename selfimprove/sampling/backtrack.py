@@ -22,11 +22,14 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
-from selfimprove.config import BacktrackConfig
 from selfimprove.sampling.prefix import forward_inputs, left_pad
+
+if TYPE_CHECKING:  # the config imports the samplers' checks, not the other way round
+    from selfimprove.config import BacktrackConfig
 
 
 class TaskVerifier:
