@@ -14,6 +14,7 @@ import dataclasses
 from collections.abc import Sequence
 
 from selfimprove import distributed as dist
+from selfimprove.distributed import derive_seed
 from selfimprove.stages import Context
 from selfimprove.tasks.base import CORRECT_THRESHOLD, Problem
 
@@ -69,12 +70,71 @@ class OneTurn:
 
     def __call__(self, ctx: Context, problems: Sequence[Problem], n: int, gen: dict) -> list[dict]:
         """`gen`: what `generate` takes (max_new_tokens, temperature, weights, ...); seeded by the unit."""
+        return self.draw(ctx, problems, n, gen, ctx.seed)
+
+    def draw(
+        self, ctx: Context, problems: Sequence[Problem], n: int, gen: dict, seed: int, first_idx: int = 0
+    ) -> list[dict]:
+        """n rows per problem, numbered from `first_idx`, from one generate call seeded by `seed`."""
         prompts = [ctx.encode(p) for p in problems]
         gen = with_backtracker(ctx, gen, [p for p in problems for _ in range(n)])
-        outs = ctx.generate([p for p in prompts for _ in range(n)], seed=ctx.seed, **gen)
+        outs = ctx.generate([p for p in prompts for _ in range(n)], seed=seed, **gen)
         return [
-            attempt_row(ctx.task, problems[j // n], prompts[j // n], j % n, out) for j, out in enumerate(outs)
+            attempt_row(ctx.task, problems[j // n], prompts[j // n], first_idx + j % n, out)
+            for j, out in enumerate(outs)
         ]
+
+
+# Manvi et al.'s self-evaluation question (2410.02725, as the paper describes it), asked after an answer;
+# P(" No") / (P(" No") + P(" Yes")) is the model's confidence that restarting would not do better.
+RESTART_TEMPLATE = (
+    'Question: {question}\nYour answer: {answer}\nWould you do better if you started over? ("Yes." or "No.")'
+)
+
+
+class AdaptiveBudget(OneTurn):
+    """Adaptive sample budgets (Manvi et al. 2410.02725, in the loop): `n_min` samples of every prompt
+    first, then the rest of `sampler.n` only for the prompts where the model is unsure. `signal`:
+    - disagreement: the first samples' answers differ (no answer counts as one): no extra forward;
+    - restart: the model's own self-evaluation, P(a restart does better) read from one token after
+      each first answer (the P(True) machinery with `RESTART_TEMPLATE`); unsure when even the best
+      first answer has P(restart) >= threshold.
+    Prompts the model is sure of keep n_min rows, so groups differ in size."""
+
+    writes = ("budget",)  # the samples the prompt was given (n_min or n)
+
+    def __init__(self, n_min: int = 2, signal: str = "disagreement", threshold: float = 0.5) -> None:
+        if n_min < 1:
+            raise ValueError(f"n_min must be >= 1, got {n_min}")
+        if signal not in ("disagreement", "restart"):
+            raise ValueError(f"signal: {signal!r} is not disagreement|restart")
+        self.n_min, self.signal, self.threshold = n_min, signal, threshold
+
+    def unsure(self, ctx: Context, rows: list[dict]) -> bool:
+        if self.signal == "disagreement":
+            return len({r["answer"] for r in rows}) > 1  # no answer at all, every time, is agreement too
+        from selfimprove.verify.ptrue import PTrue
+
+        judge = PTrue(name="no_restart", template=RESTART_TEMPLATE, prefill="", options=(" No", " Yes"))
+        no_restart = judge.score(rows, ctx)
+        return 1.0 - max(no_restart) >= self.threshold
+
+    def __call__(self, ctx: Context, problems: Sequence[Problem], n: int, gen: dict) -> list[dict]:
+        first = self.draw(ctx, problems, min(self.n_min, n), gen, ctx.seed)
+        groups = [first[i * self.n_min : (i + 1) * self.n_min] for i in range(len(problems))]
+        more = [i for i, g in enumerate(groups) if n > self.n_min and self.unsure(ctx, g)]
+        if more:
+            extra = self.draw(
+                ctx,
+                [problems[i] for i in more],
+                n - self.n_min,
+                gen,
+                derive_seed(ctx.seed, "more"),
+                self.n_min,
+            )
+            for k, i in enumerate(more):
+                groups[i] += extra[k * (n - self.n_min) : (k + 1) * (n - self.n_min)]
+        return [{**row, "budget": len(g)} for g in groups for row in g]
 
 
 class TwoAttempts(OneTurn):
