@@ -231,3 +231,61 @@ def test_dyck_task_and_its_exact_verifier():
     assert not task.prefix_error(problem, problem.reference, True, 0)
     held_out = {p.prefill for p in task.eval_problems(50)}
     assert held_out.isdisjoint({task.train_problem(i).prefill for i in range(200)})
+
+
+def test_the_loop_probe_is_fitted_on_a_rounds_checked_samples(tmp_path, tiny):
+    """fit_round_probe reads a round's sample shards, labels every prefix by its row's `correct`, and
+    the probe it returns backtracks in the sampler (reading the hidden layer it was fitted on)."""
+    from selfimprove.checkpoint import write_table
+    from selfimprove.sampling.backtrack import fit_round_probe
+
+    model, tok = tiny
+    sampler = HFSampler(tok, compile="false")
+    prompts = [sampler.encode(p) for p in ArithmeticTask().eval_problems(8) for _ in range(2)]
+    outs = sampler.generate(model, prompts, max_new_tokens=4, seed=0)
+    rows = [
+        {"prompt_ids": p, "completion_ids": o["completion_ids"], "correct": i % 3 == 0}
+        for i, (p, o) in enumerate(zip(prompts, outs))
+    ]
+    write_table(tmp_path / "unit-00000.parquet", rows)
+
+    class Holder:
+        pad = tok.pad_token_id
+
+        def model_with(self, weights):
+            import contextlib
+
+            return contextlib.nullcontext(model)
+
+    assert fit_round_probe(Holder(), tmp_path / "missing", layer=2) is None  # the first round: none
+    probe = fit_round_probe(Holder(), tmp_path, layer=2)
+    assert probe is not None and probe.layer == 2
+    bt = Backtracker(BacktrackConfig(quota=2, block=1, threshold=0.5, verifier="probe", layer=2), probe)
+    again = sampler.generate(model, prompts, max_new_tokens=4, seed=0, backtrack=bt)
+    assert all("query_cost" in o for o in again)
+
+
+def test_sample_command_backtracks_on_the_dyck_task(tmp_path):
+    import json
+
+    from tests.conftest import run_cli
+
+    out = tmp_path / "dyck.jsonl"
+    run_cli(
+        [
+            "sample",
+            "model=tiny",
+            "task=dyck",
+            "sampler.n=2",
+            "sampler.max_new_tokens=8",
+            "sampler.backtrack.quota=3",
+            "sampler.backtrack.block=2",
+            "prompts=4",
+            f"out={out}",
+        ]
+    )
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert len(rows) == 8
+    assert all(r["backtracks"] == 3 and r["quota_spent"] for r in rows)  # random text: always rejected
+    for r in rows:  # each backtrack erased 1 or 2 tokens (B = 2), each erased token was generated too
+        assert 2 * r["backtracks"] <= r["query_cost"] - len(r["completion_ids"]) <= 4 * r["backtracks"]

@@ -9,8 +9,8 @@ accepts one or the row has spent the exact backtracker's mean query cost (equal 
 last one. The learned verifier is a logistic probe on hidden layer `--layer`, fitted on `--fit`
 training prompts × 8 plain samples labelled by the task's check (`backtrack.fit_probe`).
 
-Also METHODS §8's check on the uniform-bracket LM (the tiny model's logits made uniform over the
-four bracket tokens and EOS): Q = 0 reproduces plain sampling (the same tokens), Q = ∞ with B = 1 and
+Also METHODS §8's check on the uniform-bracket LM (the tiny random model's logits made uniform over
+the four bracket tokens and EOS: only its KV cache matters there, so the small model serves): Q = 0 reproduces plain sampling (the same tokens), Q = ∞ with B = 1 and
 no same-prefix guard gives only valid strings.
 
 Run:  HF_HUB_OFFLINE=1 .venv/bin/python scripts/bench/inference_methods.py [--prompts 64] [--k 4]
@@ -134,7 +134,9 @@ def bench_task(name, task, model, tok, args, max_new_tokens: int) -> dict:
     return {"methods": results, "seconds": seconds, "probe_fit_error_rate": fit_error}
 
 
-def uniform_bracket_check(model, tok, args) -> dict:
+def uniform_bracket_check(args) -> dict:
+    cfg = OmegaConf.structured(ModelConfig(kind="tiny"))
+    model, tok = models.load_model(cfg).eval(), models.load_tokenizer(cfg)
     task = DyckTask(length=6)
     stub = BracketsOnly(
         model, [tok(b, add_special_tokens=False)["input_ids"][0] for b in BRACKETS] + [tok.eos_token_id]
@@ -188,7 +190,7 @@ def main() -> None:
     cfg = OmegaConf.structured(ModelConfig(kind="tiny" if args.tiny else "embedded"))
     model, tok = models.load_model(cfg).eval(), models.load_tokenizer(cfg)
     report = {"args": {k: str(v) for k, v in vars(args).items()}}
-    report["uniform_bracket_lm"] = uniform_bracket_check(model, tok, args)
+    report["uniform_bracket_lm"] = uniform_bracket_check(args)
     report["arithmetic"] = bench_task("arithmetic", ArithmeticTask(), model, tok, args, 6)
     report["dyck"] = bench_task("dyck", DyckTask(length=8), model, tok, args, 16)
     args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -160,12 +160,13 @@ class Backtracker:
         after erasing; the erased columns are masked in the attention returned."""
         feed = torch.full((len(active),), -1, dtype=torch.long, device=tokens.device)
         ask = []  # positions in `active` whose prefix the verifier judges
-        for i, row in enumerate(active.tolist()):
-            n = int(length[row])
-            if n > 0 and self.quota[row] > 0:
-                prefix = tuple(tokens[row, :n].tolist())
-                if not (self.settings.same_prefix_once and prefix in self.seen[row]):
-                    ask.append((i, row, prefix))
+        rows, lengths = active.tolist(), length[active].tolist()
+        eligible = [i for i, row in enumerate(rows) if lengths[i] > 0 and self.quota[row] > 0]
+        held = tokens[active[eligible]].tolist() if eligible else []  # one copy, not one per row
+        for i, toks in zip(eligible, held):
+            prefix = tuple(toks[: lengths[i]])
+            if not (self.settings.same_prefix_once and prefix in self.seen[rows[i]]):
+                ask.append((i, rows[i], prefix))
         if not ask:
             return feed, attention
         rows = [row for _, row, _ in ask]
@@ -212,8 +213,7 @@ class Backtracker:
     def fed(self, active, sampling, length, column: int) -> None:
         """Every active row feeds one token into cache column `column`: a new token, or the last kept
         one again (the prompt's last token when nothing is kept)."""
-        for row in active.tolist():
-            n = int(length[row])
+        for row, n in zip(active.tolist(), length[active].tolist()):
             if n > 0:
                 self.columns[row, n - 1] = column
             else:
