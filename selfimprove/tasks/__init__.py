@@ -4,6 +4,16 @@ from selfimprove.tasks.arithmetic import ArithmeticTask
 from selfimprove.tasks.base import Problem, Task, is_correct
 from selfimprove.tasks.hf_dataset import HFDatasetTask
 from selfimprove.tasks.jsonl import JsonlTask
+from selfimprove.tasks.random_calculation import RandomCalculationTask
 from selfimprove.tasks.text import TextTask
 
-__all__ = ["ArithmeticTask", "HFDatasetTask", "JsonlTask", "Problem", "Task", "TextTask", "is_correct"]
+__all__ = [
+    "ArithmeticTask",
+    "HFDatasetTask",
+    "JsonlTask",
+    "Problem",
+    "RandomCalculationTask",
+    "Task",
+    "TextTask",
+    "is_correct",
+]
