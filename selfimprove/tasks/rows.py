@@ -175,12 +175,21 @@ class RowsTask(Task):
         "distinct prompts of its 'test' split"."""
         if self.math is not None:
             train, heldout = self._gradable(train), self._gradable(heldout)
+            if self.skipped:
+                more = " ..." if len(self.skipped) > 3 else ""
+                log(
+                    f"{self.source}: skipped {len(self.skipped)} row(s) with no math answer: {'; '.join(self.skipped[:3])}{more}"
+                )
+            if not train and not heldout:
+                raise ValueError(
+                    f"{self.source}: no row has an answer the math grader can read ({self.skipped[0]})"
+                )
         self._train, self._heldout, self._heldout_origin = train, heldout, heldout_origin
         self._perms.clear()
 
     def _gradable(self, rows: list[Row]) -> list[Row]:
-        """The rows whose answer the math grader can read; the others named in ``skipped`` and a
-        warning. Skipped, not refused: one odd answer in thousands should not stop a run."""
+        """The rows whose answer the math grader can read; the others are named in ``skipped``.
+        Skipped, not refused: one odd answer among thousands should not stop a run."""
         kept = []
         for row in rows:
             try:
@@ -188,16 +197,6 @@ class RowsTask(Task):
                 kept.append(row)
             except ValueError as err:
                 self.skipped.append(f"{row.where or row.key[:60]}: {err}")
-        if self.skipped and not kept:
-            raise ValueError(
-                f"{self.source}: no row has an answer the math grader can read ({self.skipped[0]})"
-            )
-        if self.skipped:
-            log(
-                f"{self.source}: skipped {len(self.skipped)} row(s) whose answer holds no math answer: "
-                + "; ".join(self.skipped[:3])
-                + (" ..." if len(self.skipped) > 3 else "")
-            )
         return kept
 
     @property
