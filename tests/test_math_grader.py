@@ -210,3 +210,14 @@ def test_hf_dataset_math_rows(tmp_path: Path) -> None:
     assert task.reward(r"\boxed{\sqrt{8}}", problem("Simplify")) == 1.0
     assert task.reward(r"\boxed{\frac{7}{8}}", problem("decimal")) == 1.0
     assert task.reward(r"\boxed{8.0}", problem("^{-3}")) == 1.0
+
+
+def test_config_selects_the_grader() -> None:
+    from hydra.utils import instantiate
+
+    from tests.conftest import cfg_of
+
+    path = DATA / "gsm8k_style.jsonl"
+    task = instantiate(cfg_of("task=jsonl", f"task.path={path}", "task.grader=math").task)
+    assert task.math is not None and task.extract_answer(r"\boxed{\dfrac12}") == "0.5"
+    assert instantiate(cfg_of("task=jsonl", f"task.path={path}").task).math is None  # default: regex
