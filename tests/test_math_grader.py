@@ -221,3 +221,24 @@ def test_config_selects_the_grader() -> None:
     task = instantiate(cfg_of("task=jsonl", f"task.path={path}", "task.grader=math").task)
     assert task.math is not None and task.extract_answer(r"\boxed{\dfrac12}") == "0.5"
     assert instantiate(cfg_of("task=jsonl", f"task.path={path}").task).math is None  # default: regex
+
+
+def test_without_the_extra_one_line() -> None:
+    """Without math-verify (hidden from this interpreter's imports), one line names the extra."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys; sys.modules['math_verify'] = None\n"
+        "from selfimprove.tasks import JsonlTask, RandomCalculationTask\n"
+        f"for make in (RandomCalculationTask, lambda: JsonlTask({str(DATA / 'gsm8k_style.jsonl')!r}, grader='math')):\n"
+        "    try: make()\n"
+        "    except ValueError as e: print(e)\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=DATA.parent.parent
+    )
+    assert out.returncode == 0 and out.stdout.splitlines() == [
+        "task=random_calculation needs math_verify: pip install 'selfimprove[math]'",
+        "task.grader=math needs math_verify: pip install 'selfimprove[math]'",
+    ]

@@ -205,8 +205,10 @@ class MathGrader:
     parse, key and comparison. ``fallback``: what a completion with neither a box nor ``####`` answers
     ("last_number": its last number; "none": nothing). Needs the ``[math]`` extra."""
 
-    def __init__(self, timeout: int = 5, fallback: str = "last_number") -> None:
-        require("math_verify", "math", "task.grader=math")
+    def __init__(
+        self, timeout: int = 5, fallback: str = "last_number", wanted_by: str = "task.grader=math"
+    ) -> None:
+        require("math_verify", "math", wanted_by)  # absent: one line naming the extra
         if fallback not in FALLBACKS:
             raise ValueError(f"math grader: fallback must be one of {FALLBACKS}, got {fallback!r}")
         if int(timeout) < 1:

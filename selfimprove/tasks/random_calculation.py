@@ -87,7 +87,7 @@ class RandomCalculationTask(ArithmeticTask):
             prefill=False,
             template=PROMPT + "{expr}",
         )
-        self.grader = MathGrader(timeout, fallback)
+        self.grader = MathGrader(timeout, fallback, wanted_by="task=random_calculation")
         self.partial = partial
 
     def _sample(self, rng: random.Random) -> str:
