@@ -24,7 +24,7 @@ if ! command -v nvidia-smi >/dev/null 2>&1; then
     pip install "$TORCH" 2>&1 | grep -v "^WARNING: Location" || true
   fi
 fi
-pip install -e ".[dev,wandb,tensorboard,trl]" 2>&1 | grep -v "^WARNING: Location" || true
+pip install -e ".[dev,wandb,tensorboard,trl,math]" 2>&1 | grep -v "^WARNING: Location" || true
 # DeepSpeed (launcher=zero2|zero3) ships as source: built against the torch above, without build
 # isolation (an isolated build would fetch a CUDA torch to build it with). No compiled ops are needed.
 pip install --no-build-isolation "deepspeed==0.19.8" 2>&1 | grep -v "^WARNING: Location" || true

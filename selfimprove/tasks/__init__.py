@@ -5,6 +5,7 @@ from selfimprove.tasks.base import Problem, Task, is_correct
 from selfimprove.tasks.dyck import DyckTask
 from selfimprove.tasks.hf_dataset import HFDatasetTask
 from selfimprove.tasks.jsonl import JsonlTask
+from selfimprove.tasks.random_calculation import RandomCalculationTask
 from selfimprove.tasks.text import TextTask
 
 __all__ = [
@@ -13,6 +14,7 @@ __all__ = [
     "HFDatasetTask",
     "JsonlTask",
     "Problem",
+    "RandomCalculationTask",
     "Task",
     "TextTask",
     "is_correct",

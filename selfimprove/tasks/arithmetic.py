@@ -6,7 +6,9 @@ from __future__ import annotations
 import math
 import random
 import re
+from collections.abc import Callable
 from fractions import Fraction
+from typing import Any
 
 from selfimprove.tasks.base import (
     Problem,
@@ -145,15 +147,20 @@ def render_tree(node: Expr) -> str:
     return f"{parts[0]} {op} {parts[1]}"
 
 
-def random_tree(rng: random.Random, depth: int) -> Expr:
-    """Level k = L(level j) op R(level k-1-j), j < ceil(k/2), operands swapped w.p. 0.5."""
+def _atom(rng: random.Random) -> Expr:
+    if rng.random() < POWER_PROB:
+        return ("^", rng.randint(2, 12), 2)
+    return rng.randint(0, 99)
+
+
+def random_tree(rng: random.Random, depth: int, atom: Callable[[random.Random], Any] = _atom) -> Any:
+    """Level k = L(level j) op R(level k-1-j), j < ceil(k/2), operands swapped w.p. 0.5; level 0 is
+    ``atom(rng)`` (RandomCalculation's LaTeX atoms come from `tasks.random_calculation`)."""
     if depth == 0:
-        if rng.random() < POWER_PROB:
-            return ("^", rng.randint(2, 12), 2)
-        return rng.randint(0, 99)
+        return atom(rng)
     j = rng.randrange(math.ceil(depth / 2))
-    left = random_tree(rng, j)
-    right = random_tree(rng, depth - 1 - j)
+    left = random_tree(rng, j, atom)
+    right = random_tree(rng, depth - 1 - j, atom)
     if rng.random() < 0.5:
         left, right = right, left
     return (rng.choice("+-*/"), left, right)

@@ -106,9 +106,9 @@ def check_eval_count(n: int, available: int, source: str) -> None:
         )
 
 
-def canonical_number(value: Fraction | int | str) -> str:
+def canonical_number(value: Fraction | int | str, digits: int = 6) -> str:
     """Canonical string for a number: integers exactly ("65", "-3"), otherwise a plain decimal
-    rounded to 6 significant digits with trailing zeros stripped ("2.5", "0.333333").
+    rounded to ``digits`` significant digits with trailing zeros stripped ("2.5", "0.333333").
 
     Never uses exponent notation, so the string is what a model would be expected to write.
     """
@@ -116,8 +116,8 @@ def canonical_number(value: Fraction | int | str) -> str:
     if frac.denominator == 1:
         return str(frac.numerator)
     with localcontext() as ctx:
-        # Decimal division is correctly rounded, so prec=6 gives exactly 6 significant digits.
-        ctx.prec = 6
+        # Decimal division is correctly rounded, so prec=digits gives exactly that many significant digits.
+        ctx.prec = digits
         ctx.rounding = ROUND_HALF_UP
         dec = Decimal(frac.numerator) / Decimal(frac.denominator)
     text = format(dec, "f")

@@ -146,6 +146,7 @@ class HFDatasetTask(RowsTask):
         answer_pattern: str = DEFAULT_ANSWER_PATTERN,
         answer_match: str = "first",
         reference_field: str | None = None,
+        grader: str = "regex",
         cache_dir: str | None = None,
     ) -> None:
         super().__init__(
@@ -155,6 +156,7 @@ class HFDatasetTask(RowsTask):
             answer_pattern=answer_pattern,
             answer_match=answer_match,
             reference_field=reference_field,
+            grader=grader,
         )
         self.path = self.source
         self.heldout_fraction = check_heldout_fraction(heldout_fraction)
@@ -204,5 +206,5 @@ class HFDatasetTask(RowsTask):
             answer = field_text(record, answer_field, location).strip()
             prefill = field_text(record, prefill_field, location) if prefill_field else ""
             reference = field_text(record, reference_field, location) if reference_field else None
-            rows.append(Row(messages[-1]["content"], messages, prefill, answer, reference))
+            rows.append(Row(messages[-1]["content"], messages, prefill, answer, reference, location))
         return rows

@@ -66,6 +66,7 @@ class JsonlTask(RowsTask):
         answer_pattern: str = DEFAULT_ANSWER_PATTERN,
         answer_match: str = "first",
         reference_field: str | None = None,
+        grader: str = "regex",
     ) -> None:
         super().__init__(
             str(path),
@@ -74,6 +75,7 @@ class JsonlTask(RowsTask):
             answer_pattern=answer_pattern,
             answer_match=answer_match,
             reference_field=reference_field,
+            grader=grader,
         )
         self.path = self.source
         self.heldout_fraction = check_heldout_fraction(heldout_fraction)
@@ -85,7 +87,9 @@ class JsonlTask(RowsTask):
             answer = field_text(record, answer_field, location).strip()
             prefill = field_text(record, prefill_field, location) if prefill_field else ""
             reference = field_text(record, reference_field, location) if reference_field else None
-            rows.append(Row(prompt, [{"role": "user", "content": prompt}], prefill, answer, reference))
+            rows.append(
+                Row(prompt, [{"role": "user", "content": prompt}], prefill, answer, reference, location)
+            )
         if not rows:
             raise ValueError(f"{self.path}: no rows (the file is empty)")
         train, heldout = hash_split(rows, self.heldout_fraction)

@@ -14,10 +14,13 @@ from fractions import Fraction
 from pathlib import Path
 from typing import Any, NamedTuple
 
+from selfimprove.logging import log
 from selfimprove.tasks.base import Problem, Task, check_eval_count, is_heldout
+from selfimprove.tasks.math_grader import MathGrader
 
 _PLAIN_NUMBER = re.compile(r"[-+]?\d+(?:\.\d+)?(?:/\d+)?")
 DEFAULT_ANSWER_PATTERN = r"-?\d+(?:\.\d+)?"
+GRADERS = ("regex", "math")
 
 
 class Row(NamedTuple):
@@ -28,6 +31,7 @@ class Row(NamedTuple):
     prefill: str
     answer: str
     reference: str | None = None  # a reference completion, from the task's reference_field
+    where: str = ""  # where it was read ("file:line", "path:split row 3"), to name it in messages
 
 
 def field_text(row: dict[str, Any], name: str, where: str) -> str:
@@ -132,6 +136,10 @@ class RowsTask(Task):
     that end with the answer. If ``answer_pattern`` has a capture group, group 1 is the answer.
     ``reference_field`` names the field holding a reference completion (real data for curation).
     ``system``, when given, is prepended to rows that do not start with a system message.
+    ``grader``: "regex" (the pattern above, numbers compared by value) or "math" (math-verify: the
+    last ``\\boxed{}`` or ``#### n``, see :mod:`selfimprove.tasks.math_grader`; the pattern is unused).
+    With "math", a row whose answer holds no math answer is skipped at load, named in a warning and
+    listed in ``skipped``; no row left is an error.
     """
 
     def __init__(
@@ -143,7 +151,10 @@ class RowsTask(Task):
         answer_pattern: str,
         answer_match: str,
         reference_field: str | None = None,
+        grader: str = "regex",
     ) -> None:
+        if grader not in GRADERS:
+            raise ValueError(f"grader must be one of {GRADERS}, got {grader!r}")
         if answer_match not in ("first", "last"):
             raise ValueError(f"answer_match must be 'first' or 'last', got {answer_match!r}")
         self.source = source
@@ -156,12 +167,37 @@ class RowsTask(Task):
         self._heldout: list[Row] = []
         self._heldout_origin = ""
         self._perms: dict[int, list[int]] = {}
+        self.math = MathGrader() if grader == "math" else None
+        self.skipped: list[str] = []  # "where: why" for each row dropped at load (grader=math)
 
     def _set_rows(self, train: list[Row], heldout: list[Row], heldout_origin: str) -> None:
         """``heldout_origin`` says where the held-out rows came from, for error messages, e.g.
         "distinct prompts of its 'test' split"."""
+        if self.math is not None:
+            train, heldout = self._gradable(train), self._gradable(heldout)
+            if self.skipped:
+                more = " ..." if len(self.skipped) > 3 else ""
+                log(
+                    f"{self.source}: skipped {len(self.skipped)} row(s) with no math answer: {'; '.join(self.skipped[:3])}{more}"
+                )
+            if not train and not heldout:
+                raise ValueError(
+                    f"{self.source}: no row has an answer the math grader can read ({self.skipped[0]})"
+                )
         self._train, self._heldout, self._heldout_origin = train, heldout, heldout_origin
         self._perms.clear()
+
+    def _gradable(self, rows: list[Row]) -> list[Row]:
+        """The rows whose answer the math grader can read; the others are named in ``skipped``.
+        Skipped, not refused: one odd answer among thousands should not stop a run."""
+        kept = []
+        for row in rows:
+            try:
+                self.math.gold(row.answer)
+                kept.append(row)
+            except ValueError as err:
+                self.skipped.append(f"{row.where or row.key[:60]}: {err}")
+        return kept
 
     @property
     def num_train(self) -> int:
@@ -205,8 +241,13 @@ class RowsTask(Task):
         return [self._problem(f"eval-{i}", row) for i, row in enumerate(self._heldout[:n])]
 
     def extract_answer(self, completion: str) -> str | None:
+        """The answer votes group by: the math grader's canonical key, or the regex's match."""
+        if self.math is not None:
+            return self.math.answer(completion)
         return find_answer(completion, self.answer_regex, self.answer_match)
 
     def reward(self, completion: str, problem: Problem) -> float:
+        if self.math is not None:
+            return self.math.reward(completion, problem.answer)
         pred = self.extract_answer(completion)
         return 1.0 if pred is not None and same_answer(pred, problem.answer) else 0.0
