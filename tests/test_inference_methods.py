@@ -289,3 +289,15 @@ def test_sample_command_backtracks_on_the_dyck_task(tmp_path):
     assert all(r["backtracks"] == 3 and r["quota_spent"] for r in rows)  # random text: always rejected
     for r in rows:  # each backtrack erased 1 or 2 tokens (B = 2), each erased token was generated too
         assert 2 * r["backtracks"] <= r["query_cost"] - len(r["completion_ids"]) <= 4 * r["backtracks"]
+
+
+@pytest.mark.parametrize(
+    "setting, key", [({"typical_p": 0.5}, "sampler.typical_p"), ({"backtrack": {"quota": 2}}, "backtrack")]
+)
+def test_vllm_refuses_what_it_cannot_sample(setting, key):
+    from selfimprove.config import ConfigError, SamplerConfig, _check_sampler
+
+    sampler = OmegaConf.merge(OmegaConf.structured(SamplerConfig(backend="vllm")), setting)
+    with pytest.raises(ConfigError, match=key):
+        _check_sampler(sampler)
+    _check_sampler(OmegaConf.merge(OmegaConf.structured(SamplerConfig(backend="hf")), setting))

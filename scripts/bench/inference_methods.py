@@ -4,14 +4,15 @@ the Dyck task, with the embedded SmolLM2-135M-Instruct (`--tiny`: the random tes
 
 Per method and task: accuracy (Dyck: validity) per sample, distinct answers per prompt (of `--k`
 samples), and query cost per sample (tokens generated + tokens erased; blockwise rejection: every
-token of every drawn sequence). Blockwise rejection draws whole sequences until the task's verifier
-accepts one or the row has spent the exact backtracker's mean query cost (equal cost), keeping the
-last one. The learned verifier is a logistic probe on hidden layer `--layer`, fitted on `--fit`
-training prompts × 8 plain samples labelled by the task's check (`backtrack.fit_probe`).
+token of every drawn sequence). Blockwise rejection draws whole sequences until the same verifier
+accepts the finished one or the row has spent its backtracking counterpart's mean query cost (equal
+cost), keeping the last one. The learned verifier is a logistic probe on hidden layer `--layer`,
+fitted on `--fit` training prompts × 8 plain samples labelled by the task's check
+(`backtrack.fit_probe`); blockwise, it judges a finished sequence by its last hidden state.
 
 Also METHODS §8's check on the uniform-bracket LM (the tiny random model's logits made uniform over
-the four bracket tokens and EOS: only its KV cache matters there, so the small model serves): Q = 0 reproduces plain sampling (the same tokens), Q = ∞ with B = 1 and
-no same-prefix guard gives only valid strings.
+the four bracket tokens and EOS: only its KV cache matters there): Q = 0 reproduces plain sampling
+(the same tokens), Q = ∞ with B = 1 and no same-prefix guard gives only valid strings.
 
 Run:  HF_HUB_OFFLINE=1 .venv/bin/python scripts/bench/inference_methods.py [--prompts 64] [--k 4]
       [--quota 4] [--block 2] [--typical 0.5] [--out runs/bench_inference/inference_methods.json]
@@ -65,23 +66,39 @@ def summary(task, problems, outs, k: int) -> dict:
     }
 
 
-def blockwise(sampler, model, task, problems, prompts, budget: float, seed: int, **gen) -> list[dict]:
-    """Whole sequences, redrawn where the task's verifier rejects the finished one, until each row has
-    spent `budget` tokens (the last draw is kept)."""
+def blockwise(sampler, model, problems, prompts, rejects, budget: float, seed: int, **gen) -> list[dict]:
+    """Whole sequences, redrawn where `rejects(outs, indices)` says the finished one is wrong, until
+    each row has spent `budget` tokens (the last draw is kept)."""
     outs = sampler.generate(model, prompts, seed=seed, **gen)
     cost = [len(o["completion_ids"]) for o in outs]
     for attempt in range(1, 100):
-        redo = [
-            i
-            for i, (o, p) in enumerate(zip(outs, problems))
-            if cost[i] < budget and task.prefix_error(p, o["completion"], True, 0)
-        ]
+        pending = [i for i in range(len(outs)) if cost[i] < budget]
+        redo = [i for i, bad in zip(pending, rejects([outs[i] for i in pending], pending)) if bad]
         if not redo:
             break
         again = sampler.generate(model, [prompts[i] for i in redo], seed=seed + attempt, **gen)
         for i, o in zip(redo, again):
             outs[i], cost[i] = o, cost[i] + len(o["completion_ids"])
     return [{**o, "query_cost": c} for o, c in zip(outs, cost)]
+
+
+def exact_rejects(task, problems):
+    return lambda outs, idx: [
+        task.prefix_error(problems[i], o["completion"], True, 0) for o, i in zip(outs, idx)
+    ]
+
+
+def probe_rejects(probe, model, prompts, pad: int, threshold: float):
+    """The probe on each finished sequence's last hidden state (what it reads before EOS is kept)."""
+
+    def rejects(outs, idx):
+        if not outs:
+            return []
+        completions = [o["completion_ids"] or [pad] for o in outs]
+        states = prefix_hidden_states(model, [prompts[i] for i in idx], completions, pad, probe.layer)
+        return (probe.predict(torch.stack([s[-1] for s in states])) >= threshold).tolist()
+
+    return rejects
 
 
 def learned_probe(sampler, model, task, n_fit: int, layer: int, max_new_tokens: int):
@@ -114,23 +131,25 @@ def bench_task(name, task, model, tok, args, max_new_tokens: int) -> dict:
 
     run("plain", lambda: sampler.generate(model, prompts, **gen))
     run(f"typical τ={args.typical}", lambda: sampler.generate(model, prompts, typical_p=args.typical, **gen))
-    exact = lambda: Backtracker(settings, TaskVerifier(task, problems, tok))  # noqa: E731
-    run(
-        f"backtrack exact Q={args.quota} B={args.block}",
-        lambda: sampler.generate(model, prompts, backtrack=exact(), **gen),
-    )
-    budget = results[f"backtrack exact Q={args.quota} B={args.block}"]["query_cost"]
-    run(
-        "blockwise rejection (same cost)",
-        lambda: blockwise(
-            sampler, model, task, problems, prompts, budget, args.seed, max_new_tokens=max_new_tokens
-        ),
-    )
     probe, fit_error = learned_probe(sampler, model, task, args.fit, args.layer, max_new_tokens)
-    run(
-        f"backtrack probe Q={args.quota} B={args.block}",
-        lambda: sampler.generate(model, prompts, backtrack=Backtracker(settings, probe), **gen),
-    )
+    pad = tok.pad_token_id
+    verifiers = {
+        "exact": (lambda: TaskVerifier(task, problems, tok), exact_rejects(task, problems)),
+        "probe": (lambda: probe, probe_rejects(probe, model, prompts, pad, settings.threshold)),
+    }
+    for kind, (verifier, rejects) in verifiers.items():
+        label = f"backtrack {kind} Q={args.quota} B={args.block}"
+        run(
+            label,
+            lambda: sampler.generate(model, prompts, backtrack=Backtracker(settings, verifier()), **gen),
+        )
+        budget = results[label]["query_cost"]
+        run(
+            f"blockwise {kind} (same cost)",
+            lambda: blockwise(
+                sampler, model, problems, prompts, rejects, budget, args.seed, max_new_tokens=max_new_tokens
+            ),
+        )
     return {"methods": results, "seconds": seconds, "probe_fit_error_rate": fit_error}
 
 
