@@ -167,9 +167,9 @@ class HFSampler:
     ) -> list[dict]:
         """One completion per prompt (repeat a prompt to get several). `sampling`: the options of
         `decode.WARPERS` (temperature, top_p, typical_p). Returns one dict per prompt: completion_ids,
-        completion text, and (if record) per-token logprobs (of the sampling distribution, after the
-        warpers), self_certainty and entropy (of the model's); with `backtrack` (the eager loop), its
-        per-row counts (backtracks, query_cost, quota_spent).
+        completion text, `truncated` (no EOS within max_new_tokens), and (if record) per-token logprobs
+        (of the sampling distribution, after the warpers), self_certainty and entropy (of the model's);
+        with `backtrack` (the eager loop), its per-row counts (backtracks, query_cost, quota_spent).
         """
         limit = getattr(model.config, "max_position_embeddings", None)
         if limit and max(len(p) for p in prompts) + max_new_tokens > limit:
@@ -203,6 +203,7 @@ class HFSampler:
             row = {
                 "completion_ids": ids[:n],
                 "completion": self.tokenizer.decode(ids[:n], skip_special_tokens=True),
+                "truncated": eos is None or eos not in ids,  # cut by max_new_tokens, not ended by the model
             }
             row.update({k: v[i, :n].tolist() for k, v in stats.items()})
             rows.append({**row, **counts[i]})
