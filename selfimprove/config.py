@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from hydra.core.config_store import ConfigStore
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import II, DictConfig, OmegaConf
 
 # its own module: the checks below call into backends.py and sampling/vllm.py, which raise it too;
 # `from selfimprove.config import ConfigError` keeps working
@@ -156,7 +156,8 @@ class EvalConfig:
     k_every_round: bool = False  # else only before the first and after the last round
     temperature: float = 1.0
     batch_size: int = 64
-    max_new_tokens: int = 6
+    # the sampler's unless set: a chain of thought cut at a shorter eval length would score as wrong
+    max_new_tokens: int = II("sampler.max_new_tokens")
     before: bool = True  # evaluate the starting model as round 0
     every: int = 1
     # Model selection: the evaluated round with the best `select_by` is the one reported (selected/*).

@@ -23,7 +23,7 @@ from selfimprove import distributed as dist
 from selfimprove.ema import EMA, swapped
 from selfimprove.errors import ConfigError
 from selfimprove.sampling import HFSampler
-from selfimprove.sampling.hf import next_token_logprobs, sequence_logprobs
+from selfimprove.sampling.hf import logit_chunks, next_token_logprobs, sequence_logprobs
 
 WEIGHTS = ("policy", "base", "ema")  # what a generate / logprobs call names: the one vocabulary
 
@@ -208,10 +208,8 @@ class Engine:
         """Per-token log-probs of given completions under the policy, the base or the EMA weights."""
         out: list[list[float]] = []
         with self.model_with(weights) as model, self.accelerator.autocast():
-            for s in range(0, len(prompts), batch_size):
-                out += sequence_logprobs(
-                    model, prompts[s : s + batch_size], completions[s : s + batch_size], self.pad
-                )
+            for part in logit_chunks([len(c) for c in completions], batch_size):
+                out += sequence_logprobs(model, prompts[part], completions[part], self.pad)
         return out
 
     def next_token_logprobs(

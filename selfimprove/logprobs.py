@@ -91,7 +91,9 @@ def first_scored(prompt: list[int], scope: str) -> int:
 def _gather(logits: Tensor, predictor: Tensor, tokens: Tensor, scored: Tensor, temperature: float) -> Tensor:
     """log_softmax(logits / T) of `tokens` [B, W], predicted by rows `predictor` [B, W] of `logits` [K, V]
     (upcast to fp32 only here, on the K positions that predict something)."""
-    logits = (logits.float() if logits.element_size() < 4 else logits) / temperature
+    logits = logits.float() if logits.element_size() < 4 else logits
+    if temperature != 1.0:  # a copy of [K, V]: long completions make K large
+        logits = logits / temperature
     logp = torch.log_softmax(logits, dim=-1)
     picked = logp[predictor.clamp(min=0), tokens]
     return torch.where(scored, picked, torch.zeros_like(picked))

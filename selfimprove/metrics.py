@@ -96,6 +96,18 @@ def ece(probs: Sequence[float], labels: Sequence[bool], bins: int = 10) -> float
     )
 
 
+def token_budget(rows: list[dict]) -> dict[str, float | None]:
+    """How long the completions ran: mean and max completion tokens, and the fraction `truncated`
+    (cut by max_new_tokens without an EOS; None for rows sampled before the column existed)."""
+    lengths = [len(r["completion_ids"]) for r in rows if "completion_ids" in r]
+    cut = [r["truncated"] for r in rows if r.get("truncated") is not None]
+    return {
+        "truncated": accuracy(cut) if cut else None,
+        "completion_tokens_mean": sum(lengths) / len(lengths) if lengths else None,
+        "completion_tokens_max": max(lengths, default=None),
+    }
+
+
 def summarize_round(rows: list[dict], examples: list[dict], scorer_names: list[str]) -> dict:
     """One round's sample / selection / verifier-quality metrics.
 
@@ -105,6 +117,7 @@ def summarize_round(rows: list[dict], examples: list[dict], scorer_names: list[s
     when a scorer computed the base's log-probs (unbiased for samples drawn at temperature 1).
     ``score/<name>`` is each score's mean (the curation reward's rise), ``auroc/<name>`` pools every
     row carrying it and asks how well it separates correct from wrong samples (None: one class).
+    ``sample/truncated`` and ``sample/completion_tokens_mean|max``: `token_budget`.
     """
     by_prompt: dict[str, list[dict]] = defaultdict(list)
     for row in rows:
@@ -128,6 +141,7 @@ def summarize_round(rows: list[dict], examples: list[dict], scorer_names: list[s
         "select/accuracy": accuracy([e["correct"] for e in policy]) if policy else None,
     }
     out.update({f"sample/{k}": v for k, v in self_correction(rows).items()})  # two-attempt episodes
+    out.update({f"sample/{k}": v for k, v in token_budget(rows).items()})
     if rows and all("ref_logprobs" in r for r in rows):
         out["sample/kl_to_base"] = sum(sum(r["logprobs"]) - sum(r["ref_logprobs"]) for r in rows) / len(rows)
     for name in scorer_names:
@@ -140,8 +154,13 @@ def summarize_round(rows: list[dict], examples: list[dict], scorer_names: list[s
 
 def eval_summary(greedy: list[dict], sampled: list[dict], k: int) -> dict[str, float]:
     """Held-out metrics: greedy accuracy, and pass@k / maj@k from k samples per problem, of the final
-    attempts; and the self-correction metrics of two-attempt episodes."""
-    out = {"accuracy": accuracy([r["correct"] for r in final_turn(greedy)]), **self_correction(greedy)}
+    attempts; the self-correction metrics of two-attempt episodes; the greedy completions' lengths
+    and truncation (`token_budget`)."""
+    out = {
+        "accuracy": accuracy([r["correct"] for r in final_turn(greedy)]),
+        **self_correction(greedy),
+        **token_budget(greedy),
+    }
     sampled = final_turn(sampled)
     if sampled:
         groups: dict[str, list] = {}

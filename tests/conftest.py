@@ -49,6 +49,32 @@ def reset_accelerate() -> None:
     AcceleratorState._reset_state(reset_partial_state=True)
 
 
+def run_loop(cfg) -> dict:
+    """`selfimprove train` in this process, from a fresh accelerate state; pytest's signal handlers are
+    given back after (the loop installs its preemption handlers)."""
+    import signal
+
+    from selfimprove.loop import run
+
+    reset_accelerate()
+    handlers = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGUSR1)}
+    try:
+        return run(cfg)
+    finally:
+        for s, h in handlers.items():
+            signal.signal(s, h)
+
+
+class EosAs:
+    """The tokenizer with only its EOS id replaced."""
+
+    def __init__(self, tokenizer, eos: int) -> None:
+        self._tokenizer, self.eos_token_id = tokenizer, eos
+
+    def __getattr__(self, name):
+        return getattr(self._tokenizer, name)
+
+
 @pytest.fixture
 def fresh_accelerator_state():
     """Use with `pytestmark = pytest.mark.usefixtures("fresh_accelerator_state")`: each test's engine

@@ -9,14 +9,13 @@ right, which is all the selectors need to hand rows to the update.
 """
 
 import json
-import signal
 from pathlib import Path
 
 import pytest
-from conftest import cfg_of, reset_accelerate
+from conftest import cfg_of, run_loop
 
 from selfimprove.compose import check
-from selfimprove.tasks import ArithmeticTask
+from selfimprove.tasks import ArithmeticTask, RandomCalculationTask
 
 RECIPES = sorted(p.stem for p in (Path(__file__).parents[1] / "recipes").glob("*.yaml"))
 SMALL = [
@@ -39,28 +38,20 @@ SMALL = [
 EXTRA = {
     "label_free_dev50": ["eval.dev_problems=2"],  # its 50 dev problems, cut like eval.n_problems
     "label_free": ["eval.unlabelled_problems=2"],  # its 64 unlabelled prompts, cut the same way
+    "math_label_free": ["eval.unlabelled_problems=2"],
 }
 
 
 @pytest.mark.parametrize("recipe", RECIPES)
 def test_recipe_runs_one_round(recipe, tmp_path, monkeypatch):
-    from selfimprove.loop import run
-
-    monkeypatch.setattr(ArithmeticTask, "extract_answer", lambda self, completion: str(len(completion) % 2))
-    monkeypatch.setattr(
-        ArithmeticTask, "reward", lambda self, completion, problem: float(len(completion) % 2 == 0)
-    )
+    for task in (ArithmeticTask, RandomCalculationTask):  # the math recipes' task grades its own way
+        monkeypatch.setattr(task, "extract_answer", lambda self, completion: str(len(completion) % 2))
+        monkeypatch.setattr(task, "reward", lambda self, completion, problem: float(len(completion) % 2 == 0))
 
     run_dir = tmp_path / "run"
     cfg = cfg_of(*SMALL, *EXTRA.get(recipe, []), f"run.dir={run_dir}", recipe=recipe)
     check(cfg)  # what `selfimprove train` checks before it runs
-    reset_accelerate()
-    handlers = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGUSR1)}
-    try:
-        last = run(cfg)
-    finally:  # the loop installs its preemption handlers: give pytest its own back
-        for s, h in handlers.items():
-            signal.signal(s, h)
+    last = run_loop(cfg)
     lines = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
     steps = [x for x in lines if "train/loss" in x]
     assert last["round"] == 1 and not last.get("update/skipped"), last

@@ -3,6 +3,7 @@ decoding is what the sampler asks for, whatever generation defaults the model wa
 
 import pytest
 import torch
+from conftest import EosAs
 from omegaconf import OmegaConf
 from transformers import AutoModelForCausalLM, GenerationConfig, TopPLogitsWarper
 
@@ -159,16 +160,6 @@ def test_repeated_prompts_share_one_prefill_and_sample_the_same(tiny):
         torch.testing.assert_close(
             torch.tensor(a["entropy"]), torch.tensor(b["entropy"]), atol=2e-4, rtol=1e-4
         )
-
-
-class EosAs:
-    """The tokenizer with only its EOS id replaced."""
-
-    def __init__(self, tokenizer, eos: int) -> None:
-        self._tokenizer, self.eos_token_id = tokenizer, eos
-
-    def __getattr__(self, name):
-        return getattr(self._tokenizer, name)
 
 
 def test_finished_rows_leave_the_batch_and_change_no_other_row(opinionated):

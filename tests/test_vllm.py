@@ -109,7 +109,7 @@ def test_rows_from_outputs():
 
     lps = [pos(5, -0.1, [(6, -2.5)]), pos(2, -0.3, [(7, -1.5)]), pos(9, -0.2, [])]
     comp = CompletionOutput(0, "", [5, 2, 9], None, lps)  # tokens after the EOS are cut
-    comp2 = CompletionOutput(1, "", [7], None, [pos(7, -0.05, [(5, -3.0)])])
+    comp2 = CompletionOutput(1, "", [7], None, [pos(7, -0.05, [(5, -3.0)])], finish_reason="length")
     out = RequestOutput("0", None, [1, 1], None, [comp, comp2])
     (rows,) = V.rows_from_outputs([out], Tok.eos_token_id, Tok(), vocab=10)
     assert rows[0]["completion_ids"] == [5, 2] and rows[0]["completion"] == "5"
@@ -118,8 +118,9 @@ def test_rows_from_outputs():
     sc, ent = V.topk_token_stats([-0.1, -2.5], 10)
     assert rows[0]["self_certainty"][0] == pytest.approx(sc) and rows[0]["entropy"][0] == pytest.approx(ent)
     assert rows[1]["completion_ids"] == [7] and rows[1]["logprobs"] == [-0.05]
+    assert [r["truncated"] for r in rows] == [False, True]  # vLLM's finish_reason: "length" is a cut
     (plain,) = V.rows_from_outputs([out], Tok.eos_token_id, Tok(), record=False)
-    assert set(plain[0]) == {"completion_ids", "completion"}
+    assert set(plain[0]) == {"completion_ids", "completion", "truncated"}
 
 
 def tiny_llama():

@@ -167,9 +167,9 @@ class HFSampler:
     ) -> list[dict]:
         """One completion per prompt (repeat a prompt to get several). `sampling`: the options of
         `decode.WARPERS` (temperature, top_p, typical_p). Returns one dict per prompt: completion_ids,
-        completion text, and (if record) per-token logprobs (of the sampling distribution, after the
-        warpers), self_certainty and entropy (of the model's); with `backtrack` (the eager loop), its
-        per-row counts (backtracks, query_cost, quota_spent).
+        completion text, `truncated` (no EOS within max_new_tokens), and (if record) per-token logprobs
+        (of the sampling distribution, after the warpers), self_certainty and entropy (of the model's);
+        with `backtrack` (the eager loop), its per-row counts (backtracks, query_cost, quota_spent).
         """
         limit = getattr(model.config, "max_position_embeddings", None)
         if limit and max(len(p) for p in prompts) + max_new_tokens > limit:
@@ -203,6 +203,7 @@ class HFSampler:
             row = {
                 "completion_ids": ids[:n],
                 "completion": self.tokenizer.decode(ids[:n], skip_special_tokens=True),
+                "truncated": eos is None or eos not in ids,  # cut by max_new_tokens, not ended by the model
             }
             row.update({k: v[i, :n].tolist() for k, v in stats.items()})
             rows.append({**row, **counts[i]})
@@ -260,6 +261,26 @@ class HFSampler:
         return out[:n_rows, width:].cpu(), stats
 
 
+# A scoring forward holds [rows, completion tokens, vocab] logits and their log-softmax: at most this
+# many completion positions per forward (8192 × 49 152 fp32 logits ≈ 1.6 GB for SmolLM2), so 64 rows of
+# 512 tokens are scored in parts instead of at once (≈ 13 GB a copy); short completions are unaffected.
+LOGIT_POSITIONS = 8192
+
+
+def logit_chunks(lengths: list[int], batch_size: int, budget: int = LOGIT_POSITIONS) -> list[slice]:
+    """Consecutive slices of rows (completion `lengths`) to score one forward each: at most `batch_size`
+    rows and at most `budget` padded positions (rows × the longest completion), one row at the least."""
+    out: list[slice] = []
+    start, longest = 0, 1
+    for i, n in enumerate(lengths):
+        wider = max(longest, n)
+        if i > start and (i - start >= batch_size or (i - start + 1) * wider > budget):
+            out.append(slice(start, i))
+            start, wider = i, max(n, 1)
+        longest = wider
+    return out + [slice(start, len(lengths))] * bool(lengths)
+
+
 def sequence_logprobs(
     model, prompt_ids: list[list[int]], completion_ids: list[list[int]], pad: int, share_prompts: bool = True
 ):
@@ -314,13 +335,18 @@ def next_token_logprobs(
         suffix_positions = len(prefix) + torch.arange(ids.shape[1])[None].expand(len(chunk), -1)
         cache = copy.deepcopy(getattr(shared, CACHE))
         cache.batch_repeat_interleave(len(chunk))
+        # only each suffix's last position reaches the LM head: long suffixes (a chain of thought)
+        # would otherwise hold rows × length × vocab logits
+        ends = (lengths - 1).clamp(min=0)
+        keep = torch.unique(ends)
         logits = model(
             input_ids=ids.to(device),
             attention_mask=attention.to(device),
             position_ids=suffix_positions.to(device),
             **{CACHE: cache},
+            logits_to_keep=keep.to(device),
         ).logits
-        last = logits[torch.arange(len(chunk)), (lengths - 1).clamp(min=0).to(logits.device)]
+        last = logits[torch.arange(len(chunk)), torch.searchsorted(keep, ends).to(logits.device)]
         logp = torch.log_softmax(last.float(), dim=-1)[:, candidates].cpu()
         out += [after_prefix.tolist() if n == 0 else row.tolist() for n, row in zip(lengths.tolist(), logp)]
     return out

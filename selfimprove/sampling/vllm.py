@@ -133,6 +133,7 @@ def rows_from_outputs(
             row = {
                 "completion_ids": ids[:n],
                 "completion": tokenizer.decode(ids[:n], skip_special_tokens=True),
+                "truncated": comp.finish_reason == "length",  # stopped by max_tokens, not by an EOS
             }
             if record:
                 if comp.logprobs is None:
