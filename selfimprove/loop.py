@@ -243,9 +243,8 @@ class Loop:
         entry = scheduled(self.plan.schedule, number)
         r = Round(number, self.run_dir / "rounds" / f"r{number:04d}", self.plan.parts[entry and entry.index])
         r.record["round"] = number
-        if skipped := getattr(
-            self.task, "skipped", None
-        ):  # data rows the grader cannot read, dropped at load
+        skipped = getattr(self.task, "skipped", None)  # data rows the grader cannot read, dropped at load
+        if skipped:
             r.record["data/skipped_rows"] = len(skipped)
         if entry is not None and number > 0:
             r.record["schedule/stage"] = entry.index + 1  # e.g. SCoRe's Stage I (1) and II (2)
