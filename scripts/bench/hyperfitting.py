@@ -22,7 +22,6 @@ import os
 import statistics
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 METRICS = ("rep_4", "rep_sen", "distinct_2", "distinct_4", "perplexity")
@@ -30,17 +29,19 @@ METRICS = ("rep_4", "rep_sen", "distinct_2", "distinct_4", "perplexity")
 DITTO_DEFAULT = "loop.rounds=2 eval.every=2 eval.before=false"
 
 
-def run_recipe(recipe: str, run_dir: Path, seed: int, overrides: list[str]) -> tuple[list[dict], float]:
-    """Runs (or resumes) one recipe; its metrics.jsonl lines and the wall seconds this call took."""
+def run_recipe(recipe: str, run_dir: Path, seed: int, overrides: list[str]) -> list[dict]:
+    """Runs (or resumes: a finished run is only read) one recipe; its metrics.jsonl lines."""
     cmd = [sys.executable, "-m", "selfimprove", "train", f"recipe={recipe}", f"seed={seed}"]
     cmd += [f"run.dir={run_dir}", "resume=auto", *overrides]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
     print("$", " ".join(cmd), flush=True)
-    t0 = time.perf_counter()
     subprocess.run(cmd, check=True, env=env, stdout=subprocess.DEVNULL)
-    seconds = time.perf_counter() - t0
-    lines = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines() if x.strip()]
-    return lines, seconds
+    return [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines() if x.strip()]
+
+
+def run_seconds(lines: list[dict]) -> float:
+    """The run's wall time after round 0 (its rounds' training and evaluations), from its records."""
+    return sum(x["round_seconds"] for x in lines if x.get("round", 0) > 0 and "round_seconds" in x)
 
 
 def rounds_of(lines: list[dict]) -> dict[int, dict]:
@@ -73,8 +74,8 @@ def row(name: str, record: dict, train_loss: float | None, seconds: float | None
 
 def bench_seed(seed: int, runs: Path, hyperfit: list[str], ditto: list[str]) -> list[dict]:
     hf_dir, dt_dir = runs / f"hyperfit-s{seed}", runs / f"ditto-s{seed}"
-    hf_lines, hf_seconds = run_recipe("hyperfit", hf_dir, seed, ["eval.before=true", *hyperfit])
-    dt_lines, dt_seconds = run_recipe("ditto", dt_dir, seed, ditto)
+    hf_lines = run_recipe("hyperfit", hf_dir, seed, ["eval.before=true", *hyperfit])
+    dt_lines = run_recipe("ditto", dt_dir, seed, ditto)
     if eval_settings(hf_dir) != eval_settings(dt_dir):
         raise SystemExit(f"the runs evaluate different passages or settings: {hf_dir}, {dt_dir}")
     hf_rounds, dt_rounds = rounds_of(hf_lines), rounds_of(dt_lines)
@@ -90,8 +91,8 @@ def bench_seed(seed: int, runs: Path, hyperfit: list[str], ditto: list[str]) -> 
     ]
     rows = [
         row("base", hf_rounds[0], hf_steps[0]["train/loss"], None),
-        row("ditto", dt_rounds[max(dt_rounds)], statistics.mean(mle) if mle else None, dt_seconds),
-        row("hyperfit", hf_rounds[max(hf_rounds)], statistics.mean(last_epoch), hf_seconds),
+        row("ditto", dt_rounds[max(dt_rounds)], statistics.mean(mle) if mle else None, run_seconds(dt_lines)),
+        row("hyperfit", hf_rounds[max(hf_rounds)], statistics.mean(last_epoch), run_seconds(hf_lines)),
     ]
     for r in rows:
         r["seed"] = seed
