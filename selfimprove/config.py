@@ -37,6 +37,8 @@ class LoopConfig:
     # seeded: the run's seed draws where in the task's prompt stream round 1 starts (seeds differ in
     # prompts and sampling); fixed: round r takes prompts (r-1)*prompts_per_round ... whatever the seed
     prompt_order: str = "seeded"
+    # every round takes round 1's prompts (many epochs on one small set: Hyperfitting) instead of the next
+    same_prompts: bool = False
 
 
 @dataclass

@@ -120,9 +120,11 @@ class Loop:
 
     # ----- the phases -----
     def sample(self, r: Round) -> list[dict] | None:
-        """This round's prompts, n completions each, from the raw or EMA weights (ema.sample_from)."""
+        """This round's prompts (round 1's again with loop.same_prompts), n completions each, from the
+        raw or EMA weights (ema.sample_from)."""
         cfg = self.cfg
-        start = first_prompt(cfg) + (r.number - 1) * cfg.loop.prompts_per_round
+        offset = 0 if cfg.loop.same_prompts else (r.number - 1) * cfg.loop.prompts_per_round
+        start = first_prompt(cfg) + offset
         problems = [self.task.train_problem(start + i) for i in range(cfg.loop.prompts_per_round)]
         weights = engine_weights(cfg.ema.sample_from)
         with r.phase("sample"):

@@ -8,6 +8,7 @@ The RL selectors (`GroupAdvantage`, SCoRe's) keep rows and add their advantage. 
 from selfimprove.select.advantage import GroupAdvantage, agreement
 from selfimprove.select.curation import Curation, curated_update, curation_probs, plackett_luce
 from selfimprove.select.ditto import DittoSequences, pseudo_repetitive, sentence_ends
+from selfimprove.select.documents import TaskDocuments, document_row
 from selfimprove.select.filters import BestOfN, GroundTruthFilter, Threshold
 from selfimprove.select.score import SCoRe, shaped_reward
 from selfimprove.select.vote import Borda, MajorityVote, borda_vote
@@ -21,11 +22,13 @@ __all__ = [
     "GroupAdvantage",
     "MajorityVote",
     "SCoRe",
+    "TaskDocuments",
     "agreement",
     "Threshold",
     "borda_vote",
     "curated_update",
     "curation_probs",
+    "document_row",
     "plackett_luce",
     "pseudo_repetitive",
     "sentence_ends",

@@ -10,7 +10,8 @@ from __future__ import annotations
 import random
 from typing import Any
 
-from selfimprove.stages import Context, Stage
+from selfimprove.select.documents import TaskDocuments, document_row
+from selfimprove.stages import Context
 
 SENTENCE_END = (".", "!", "?")  # the reference splits at '.' only; '!' and '?' end sentences too
 
@@ -53,50 +54,29 @@ def pseudo_repetitive(
     return prefix + unit, tiled[len(unit) :], len(unit)
 
 
-class DittoSequences(Stage):
-    """Selector: each text becomes an MLE row (`source` "real", or "policy" for samples) and a DITTO
-    row (`source` "ditto", with `rep_len`), `per_row` pairs per text, both with the same `pair`.
+class DittoSequences(TaskDocuments):
+    """Selector: each text becomes an MLE row (`TaskDocuments`' row: `source` "real", or "policy" for
+    samples) and a DITTO row (`source` "ditto", with `rep_len`), `per_row` pairs per text, both with
+    the same `pair`.
 
-    `source`: "task" — each distinct prompt's document, `prefill + target` (a text task splits a
-    document so that prompt + continuation is the text); "samples" — each sample, `prefill +
-    completion`. A text whose draw gives no sequence is skipped (logged as `ditto_skipped`). The MLE
-    row keeps the text's first token as its prompt: with no BOS it has nothing to be predicted from
-    (in a left-padded batch it would be scored from a pad position). Train these rows with the
-    `ditto` objective only: plain SFT on them would learn the repetitions."""
+    `source`: "task" — each distinct prompt's document; "samples" — each sample's text (see
+    `TaskDocuments`). A text whose draw gives no sequence is skipped (logged as `ditto_skipped`).
+    Train these rows with the `ditto` objective only: plain SFT on them would learn the repetitions."""
 
     name = "ditto"
     writes = ("rep_len", "source", "pair")
 
     def __init__(self, source: str = "task", max_tokens: int = 128, per_row: int = 1) -> None:
-        if source not in ("task", "samples"):
-            raise ValueError(f"source: {source!r} is not task|samples")
-        if max_tokens < 4 or per_row < 1:
-            raise ValueError(f"need max_tokens >= 4 and per_row >= 1, got {max_tokens}, {per_row}")
-        self.source, self.max_tokens, self.per_row = source, max_tokens, per_row
-        self.reads = ("prefill", "target") if source == "task" else ("prefill", "completion")
+        super().__init__(source, max_tokens)
+        if per_row < 1:
+            raise ValueError(f"need per_row >= 1, got {per_row}")
+        self.per_row = per_row
         self._ends_cache: dict[int, bool] = {}  # id -> ends a sentence, for this tokenizer
-
-    def check(self, task: Any) -> None:
-        if self.source == "task" and not getattr(task, "open_ended", False):
-            raise ValueError(
-                "selector ditto with source=task needs a text task (task=text); else source=samples"
-            )
-
-    def _texts(self, rows: list[dict]) -> list[tuple[dict, str]]:
-        if self.source == "samples":
-            return [(r, (r.get("prefill") or "") + r["completion"]) for r in rows]
-        seen, out = set(), []
-        for r in rows:
-            if r["prompt_id"] not in seen:
-                seen.add(r["prompt_id"])
-                out.append((r, (r.get("prefill") or "") + (r.get("target") or "")))
-        return out
 
     def __call__(self, rows: list[dict], ctx: Context) -> list[dict]:
         out: list[dict] = []
         skipped = 0
-        mle_source = "real" if self.source == "task" else "policy"
-        for index, (row, text) in enumerate(self._texts(rows)):
+        for index, (row, text) in enumerate(self.texts(rows)):
             tokens = ctx.tokenizer(text, add_special_tokens=False)["input_ids"]
             ends = sentence_ends(tokens, ctx.tokenizer, self._ends_cache)
             rng = ctx.rng("ditto", index)
@@ -107,9 +87,8 @@ class DittoSequences(Stage):
                     continue
                 prompt, completion, rep_len = built
                 common = {"prompt_id": row["prompt_id"], "correct": False, "pair": len(out) // 2}
-                mle_ids = {"prompt_ids": tokens[:1], "completion_ids": tokens[1 : self.max_tokens]}
                 ditto_ids = {"prompt_ids": prompt, "completion_ids": completion, "rep_len": rep_len}
-                out.append({**common, "source": mle_source, **mle_ids})
+                out.append({**common, "source": self.row_source, **document_row(tokens, self.max_tokens)})
                 out.append({**common, "source": "ditto", **ditto_ids})
         ctx.log("ditto_sequences", len(out) // 2)
         ctx.log("ditto_skipped", skipped)
