@@ -101,7 +101,9 @@ def _render(script: Path, shim_dir: Path, nnodes: int, *args: str, **extra) -> l
 
 
 @pytest.mark.parametrize(
-    "path", [*SCRIPTS, SLURM / "train.sh", ROOT / "scripts" / "setup.sh"], ids=lambda p: p.name
+    "path",
+    [*SCRIPTS, SLURM / "train.sh", ROOT / "scripts" / "setup.sh", ROOT / "scripts" / "ci" / "slurm.sh"],
+    ids=lambda p: p.name,
 )
 def test_bash_syntax(path):
     out = subprocess.run(["bash", "-n", str(path)], capture_output=True, text=True)

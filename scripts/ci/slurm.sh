@@ -28,22 +28,21 @@ fi
 CPUS=${SLURM_CI_CPUS:-2}
 
 stop() {
-  # Reverse order: the slurmd daemons (they may still hold job steps), slurmctld, munged. SIGTERM,
-  # then SIGKILL after 5 s.
-  local f pid
+  # SIGTERM to all (the slurmd daemons, slurmctld, munged), then SIGKILL what is left after 5 s.
+  local f pid pids=() alive=()
   for f in "$DIR"/pids/slurmd-*.pid "$DIR"/pids/slurmctld.pid "$DIR"/pids/munged.pid; do
     [[ -f $f ]] || continue
     pid=$(cat "$f")
-    if kill -0 "$pid" 2>/dev/null; then
-      kill -TERM "$pid" 2>/dev/null || true
-      for _ in $(seq 50); do
-        kill -0 "$pid" 2>/dev/null || break
-        sleep 0.1
-      done
-      kill -KILL "$pid" 2>/dev/null || true
-    fi
+    kill -TERM "$pid" 2>/dev/null && pids+=("$pid")
     rm -f "$f"
   done
+  for _ in $(seq 50); do
+    alive=()
+    for pid in ${pids[@]+"${pids[@]}"}; do kill -0 "$pid" 2>/dev/null && alive+=("$pid"); done
+    [[ ${#alive[@]} == 0 ]] && return
+    sleep 0.1
+  done
+  kill -KILL "${alive[@]}" 2>/dev/null || true
 }
 
 install() {
