@@ -1,7 +1,8 @@
 """Fault injection for the resume tests: `SELFIMPROVE_CRASH_AT=point` kills the process with SIGKILL
 (no cleanup, like a node failure) when execution reaches that point; `SELFIMPROVE_SIGTERM_AT=a,b`
 sends it SIGTERM (SLURM preemption) at each listed point; `SELFIMPROVE_HOLD_AT=a,b` waits at each
-listed point once, so a test can preempt from outside at a known moment (see `_hold`). Points look like
+listed point once, so a test can preempt from outside at a known moment (see `_hold`);
+`SELFIMPROVE_TRACE=file` appends the name of every point rank 0 passes to file. Points look like
 `sample:r1:u2` (after unit 2 of round 1 is written), `verify:r1:u0`, `eval:r1:u0`, `update:r2:s1`,
 `phase:r1:select`, `checkpoint:r0001-s000003` (inside a checkpoint write, before the rename)."""
 
@@ -16,6 +17,10 @@ from selfimprove import distributed as dist
 
 
 def point(name: str) -> None:
+    trace = os.environ.get("SELFIMPROVE_TRACE")
+    if trace and dist.rank() == 0:  # one line per point passed: the storm test times its kills by it
+        with open(trace, "a") as f:
+            f.write(name + "\n")
     target = os.environ.get("SELFIMPROVE_CRASH_AT")
     if target and target == name and dist.rank() == int(os.environ.get("SELFIMPROVE_CRASH_RANK", "0")):
         os.kill(os.getpid(), signal.SIGKILL)
