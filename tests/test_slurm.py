@@ -12,6 +12,7 @@ import json
 import re
 import subprocess
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -53,7 +54,7 @@ class Job:
         path = self.folder / f"job-{self.id}.out"
         return path.read_text(errors="replace") if path.exists() else ""
 
-    def wait(self, what: str, ready, timeout: float = 180) -> dict[str, str]:
+    def wait(self, what: str, ready: Callable[[dict], bool], timeout: float = 180) -> dict[str, str]:
         deadline = time.monotonic() + timeout
         while True:
             info = self.info()
