@@ -100,7 +100,10 @@ SlurmUser=root
 SlurmdUser=root
 AuthType=auth/munge
 CredType=cred/munge
-AuthInfo=socket=$DIR/munge.socket
+# cred_expire: how long a killed job's credential stays revoked, which is also how long a requeued job
+# waits before it may start again (Slurm's default 120 s; starting it sooner fails with "Job credential
+# revoked")
+AuthInfo=socket=$DIR/munge.socket,cred_expire=${SLURM_CI_CRED_EXPIRE:-5}
 StateSaveLocation=$DIR/state
 # %n: one slurmd per node name on this host, each with its own spool, pid file and log
 SlurmdSpoolDir=$DIR/spool/%n
@@ -117,6 +120,8 @@ JobAcctGatherType=jobacct_gather/none
 AccountingStorageType=accounting_storage/none
 MpiDefault=none
 SchedulerType=sched/builtin
+# A requeued job becomes eligible by the clock, which no event announces: look every 2 s, not every 60.
+SchedulerParameters=sched_interval=2
 SelectType=select/cons_tres
 SelectTypeParameters=CR_CPU
 ReturnToService=2
