@@ -41,6 +41,11 @@ if [ "${1:-}" = "--tests" ] && ! command -v chromium >/dev/null 2>&1; then
     echo "chromium: not installed, and apt-get as root is not available; the report's browser tests will be skipped"
   fi
 fi
+# --tests: a SLURM (Debian's slurm-wlm and munge) for tests/test_slurm.py, which starts its own cluster
+# with scripts/ci/slurm.sh; elsewhere those tests are skipped and say why (under CI=true: they fail).
+if [ "${1:-}" = "--tests" ]; then
+  bash scripts/ci/slurm.sh install || echo "slurm: not installed; tests/test_slurm.py will be skipped"
+fi
 .venv/bin/python -c "
 import selfimprove, torch, transformers
 build = f'CUDA {torch.version.cuda}' if torch.version.cuda else 'CPU'

@@ -51,7 +51,13 @@ def prepare_run_dir(cfg: DictConfig) -> Path:
     if saved.exists():
         if cfg.resume != "auto":
             raise ConfigError(f"{run_dir} already holds a run: pass resume=auto, or a new run.dir")
-        diff = resume_diff(OmegaConf.load(saved), cfg)
+        old = OmegaConf.load(saved)
+        if old.get("recipe") != cfg.get("recipe"):  # one line, not a diff of every key the recipes set
+            raise ConfigError(
+                f"{run_dir} holds a run of recipe {old.get('recipe')!r}, not {cfg.get('recipe')!r}: "
+                "use another run.dir (RUN_DIR on SLURM)"
+            )
+        diff = resume_diff(old, cfg)
         if diff:
             raise ConfigError("resume=auto refused, the config changed incompatibly:\n" + "\n".join(diff))
     dist.barrier()

