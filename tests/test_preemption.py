@@ -18,8 +18,8 @@ def _train_lines(run_dir):
     [
         "sample:r2:u0",  # while sampling: round 1 is checkpointed, round 2's first shard kept
         "verify:r1:u0",  # while scoring: stops before the update
-        "eval:r1:u0",  # while evaluating round 1: the update is checkpointed already
         "update:r1:s1,checkpoint:r0001-s000001",  # a second SIGTERM during the preemption checkpoint
+        # while evaluating: tests/test_slurm.py (scontrol requeue there sends SIGTERM)
     ],
 )
 def test_sigterm_in_any_phase_stops_cleanly_and_resumes(tmp_path, baseline_run, signal_at):

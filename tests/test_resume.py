@@ -25,10 +25,10 @@ def samples(run_dir: Path, round_: int) -> list[tuple]:
 @pytest.mark.parametrize(
     "crash_at",
     [
-        "sample:r1:u0",  # mid-sampling: one unit written, the other not
-        "phase:r1:select",  # between phases: samples scored and selected, no update yet
         "update:r2:s1",  # mid-update: an optimizer step taken, no checkpoint for it
         "checkpoint:r0001-s000003",  # during a checkpoint write, before its rename
+        # mid-sampling and between phases, at 20 random moments on two ranks: tests/test_storm.py;
+        # mid-sampling on one rank resumed on two: tests/test_two_ranks.py
     ],
 )
 def test_kill_and_resume_is_bit_identical(tmp_path, baseline_run, crash_at):
