@@ -23,6 +23,7 @@ from omegaconf import II, DictConfig, OmegaConf
 # `from selfimprove.config import ConfigError` keeps working
 from selfimprove.errors import ConfigError
 from selfimprove.parts import Plan, build_node, build_parts, build_rollout
+from selfimprove.schedule import SCHEDULED, ScheduleEntry, schedule, scheduled  # noqa: F401 (also here)
 
 
 @dataclass
@@ -276,10 +277,10 @@ def validate_targets(cfg: DictConfig) -> Plan:
             raise ConfigError(f"{group}: missing (choose one with {group}=NAME)")
     entries = schedule(cfg)
     for entry in entries:  # every stage of a schedule is checked like the base config
-        scheduled = OmegaConf.to_container(entry.cfg, resolve=True)
+        merged = OmegaConf.to_container(entry.cfg, resolve=True)
         for group in SCHEDULED:
             if group in entry.overrides:
-                walk(f"schedule.{entry.name}.{group}", scheduled[group])
+                walk(f"schedule.{entry.name}.{group}", merged[group])
     plan = build_plan(cfg, entries)
     from selfimprove.sampling.vllm_checks import check_backend, check_sampling_values
 
@@ -337,62 +338,6 @@ def _check_sampler(sampler) -> None:
         raise ConfigError(
             "sampler.backtrack.quota > 0: backtracking erases from our own KV cache; use sampler=hf"
         )
-
-
-SCHEDULED = ("verifiers", "selector", "objective")
-
-
-@dataclass
-class ScheduleEntry:
-    index: int
-    name: str
-    until_round: int | None  # None: to the last round
-    overrides: dict
-    cfg: DictConfig  # the run's config with this entry's overrides merged in
-
-
-def schedule(cfg: DictConfig) -> list[ScheduleEntry]:
-    """The recipe's `schedule`, each entry's stages and objective merged over the run's (SCoRe's Stage
-    I then II); a ConfigError names a bad key. Empty: the same parts every round."""
-    entries: list[ScheduleEntry] = []
-    previous = 0
-    items = list(cfg.get("schedule") or [])
-    for i, item in enumerate(items):
-        item = OmegaConf.to_container(item, resolve=False)
-        where = f"schedule[{i}]"
-        if not isinstance(item, dict) or "name" not in item:
-            raise ConfigError(f"{where}: an entry is a mapping with a name, until_round and parts to change")
-        unknown = sorted(set(item) - {"name", "until_round", *SCHEDULED})
-        if unknown:
-            raise ConfigError(
-                f"{where}.{unknown[0]}: not schedulable (an entry sets name, until_round, {SCHEDULED})"
-            )
-        until = item.get("until_round")
-        last = i == len(items) - 1
-        if (until is None) != last or (until is not None and until <= previous):
-            raise ConfigError(
-                f"{where}.until_round: {until!r}; each entry but the last ends at a round after the previous "
-                "entry's, and the last has until_round: null (to the end)"
-            )
-        previous = until or previous
-        overrides = {k: item[k] for k in SCHEDULED if k in item}
-        try:  # the run's config is in struct mode: an entry can only set keys its parts have
-            merged = OmegaConf.merge(cfg, overrides)
-        except Exception as e:
-            key = getattr(e, "full_key", "") or ""
-            why = str(e).splitlines()[0]
-            parent = OmegaConf.select(cfg, key.rpartition(".")[0]) if "." in key else None
-            if "not in struct" in why and OmegaConf.is_dict(parent):  # a typo: list the keys there are
-                keys = ", ".join(str(k) for k in parent if not str(k).startswith("_"))
-                why = f"no such key in {key.rpartition('.')[0]} (keys: {keys})"
-            raise ConfigError(f"{where}.{key}: {why}") from None
-        entries.append(ScheduleEntry(i, str(item["name"]), until, overrides, merged))
-    return entries
-
-
-def scheduled(entries: list[ScheduleEntry], round_: int) -> ScheduleEntry | None:
-    """The entry covering `round_` (None without a schedule)."""
-    return next((e for e in entries if e.until_round is None or round_ <= e.until_round), None)
 
 
 def _check_model(cfg: DictConfig) -> None:

@@ -21,7 +21,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from selfimprove import checkpoint, faults, phases, train
 from selfimprove import distributed as dist
-from selfimprove.config import ConfigError, build_plan, check_trainable, scheduled
+from selfimprove.config import ConfigError, build_plan, check_trainable
 from selfimprove.ema import engine_weights
 from selfimprove.engine import Engine
 from selfimprove.evaluate import evaluate
@@ -30,6 +30,7 @@ from selfimprove.metrics import select_round, summarize_round
 from selfimprove.parts import Parts, Plan
 from selfimprove.resume import resume_diff
 from selfimprove.sampling.backtrack import fit_round_probe
+from selfimprove.schedule import scheduled
 from selfimprove.stages import Context, Scorer
 
 _stop = {"requested": False}

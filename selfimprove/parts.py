@@ -69,7 +69,7 @@ def build_rollout(node: dict | None) -> OneTurn:
 class Plan:
     """A run's parts, built once: by schedule entry index (None: no schedule, the same every round)."""
 
-    schedule: list  # config.ScheduleEntry
+    schedule: list  # schedule.ScheduleEntry
     parts: dict[int | None, Parts]
     rollout: OneTurn
 

@@ -48,7 +48,7 @@ def with_backtracker(ctx: Context, gen: dict, problems: Sequence[Problem]) -> di
     the task's exact prefix check on these rows' problems, or the probe the loop fitted on the last
     round's checked samples (none before there are any: the first round samples plainly)."""
     settings = gen.get("backtrack")
-    if settings is None or not hasattr(settings, "verifier"):
+    if settings is None:
         return gen
     from selfimprove.sampling.backtrack import Backtracker, TaskVerifier
 
@@ -109,15 +109,18 @@ class AdaptiveBudget(OneTurn):
         if signal not in ("disagreement", "restart"):
             raise ValueError(f"signal: {signal!r} is not disagreement|restart")
         self.n_min, self.signal, self.threshold = n_min, signal, threshold
+        self.judge = None
+        if signal == "restart":
+            from selfimprove.verify.ptrue import PTrue
+
+            self.judge = PTrue(
+                name="no_restart", template=RESTART_TEMPLATE, prefill="", options=(" No", " Yes")
+            )
 
     def unsure(self, ctx: Context, rows: list[dict]) -> bool:
         if self.signal == "disagreement":
             return len({r["answer"] for r in rows}) > 1  # no answer at all, every time, is agreement too
-        from selfimprove.verify.ptrue import PTrue
-
-        judge = PTrue(name="no_restart", template=RESTART_TEMPLATE, prefill="", options=(" No", " Yes"))
-        no_restart = judge.score(rows, ctx)
-        return 1.0 - max(no_restart) >= self.threshold
+        return 1.0 - max(self.judge.score(rows, ctx)) >= self.threshold
 
     def __call__(self, ctx: Context, problems: Sequence[Problem], n: int, gen: dict) -> list[dict]:
         first = self.draw(ctx, problems, min(self.n_min, n), gen, ctx.seed)

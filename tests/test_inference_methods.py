@@ -1,7 +1,6 @@
 """Inference-time methods in the sampler: the warpers (typical sampling, METHODS §11) and tokenwise
 rejection sampling with backtracking (METHODS §8), on the tiny model and on a uniform-bracket LM."""
 
-import math
 
 import pytest
 import torch
@@ -11,35 +10,17 @@ from transformers import TypicalLogitsWarper
 from selfimprove import models
 from selfimprove.config import BacktrackConfig, ModelConfig
 from selfimprove.sampling import HFSampler, sequence_logprobs
-from selfimprove.sampling.backtrack import Backtracker, TaskVerifier, fit_probe
+from selfimprove.sampling.backtrack import Backtracker, TaskVerifier, UniformBrackets, fit_probe
 from selfimprove.sampling.decode import sample, warpers
 from selfimprove.sampling.prefix import PromptCache
 from selfimprove.tasks import ArithmeticTask, DyckTask
 from tests.conftest import cfg_of
-
-BRACKETS = [365, 2481, 933, 6329]  # " (", " )", " [", " ]" in the embedded model's tokenizer
 
 
 @pytest.fixture(scope="module")
 def tiny():
     cfg = OmegaConf.structured(ModelConfig(kind="tiny"))
     return models.load_model(cfg), models.load_tokenizer(cfg)
-
-
-class BracketsOnly(torch.nn.Module):
-    """METHODS §8's check model: the tiny model's forward with its logits made uniform over the four
-    bracket tokens and EOS (the KV cache, positions and masks are the real model's)."""
-
-    def __init__(self, model, eos: int) -> None:
-        super().__init__()
-        self.model, self.config, self.allowed = model, model.config, [*BRACKETS, eos]
-
-    def forward(self, **kwargs):
-        out = self.model(**kwargs)
-        logits = torch.full_like(out.logits, -math.inf)
-        logits[..., self.allowed] = 0.0
-        out.logits = logits
-        return out
 
 
 def test_typical_worked_example_through_the_sampler():
@@ -100,7 +81,7 @@ def backtracker(task, problems, tok, **settings):
 
 def test_dyck_quota_zero_is_plain_sampling_and_unlimited_quota_is_always_valid(tiny):
     model, tok = tiny
-    stub = BracketsOnly(model, tok.eos_token_id)
+    stub = UniformBrackets(model, tok)
     task, problems, sampler, prompts = dyck_batch(tok)
     plain = sampler.generate(stub, prompts, max_new_tokens=12, seed=1)
     zero = sampler.generate(

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import statistics
 import time
 from pathlib import Path
@@ -33,25 +32,14 @@ from omegaconf import OmegaConf
 from selfimprove import models
 from selfimprove.config import BacktrackConfig, ModelConfig
 from selfimprove.sampling import HFSampler
-from selfimprove.sampling.backtrack import Backtracker, TaskVerifier, fit_probe, prefix_hidden_states
+from selfimprove.sampling.backtrack import (
+    Backtracker,
+    TaskVerifier,
+    UniformBrackets,
+    fit_probe,
+    prefix_hidden_states,
+)
 from selfimprove.tasks import ArithmeticTask, DyckTask
-
-BRACKETS = [" (", " )", " [", " ]"]
-
-
-class BracketsOnly(torch.nn.Module):
-    """A model whose logits are uniform over the bracket tokens and EOS (its cache is the real one)."""
-
-    def __init__(self, model, allowed: list[int]) -> None:
-        super().__init__()
-        self.model, self.config, self.allowed = model, model.config, allowed
-
-    def forward(self, **kwargs):
-        out = self.model(**kwargs)
-        logits = torch.full_like(out.logits, -math.inf)
-        logits[..., self.allowed] = 0.0
-        out.logits = logits
-        return out
 
 
 def summary(task, problems, outs, k: int) -> dict:
@@ -157,9 +145,7 @@ def uniform_bracket_check(args) -> dict:
     cfg = OmegaConf.structured(ModelConfig(kind="tiny"))
     model, tok = models.load_model(cfg).eval(), models.load_tokenizer(cfg)
     task = DyckTask(length=6)
-    stub = BracketsOnly(
-        model, [tok(b, add_special_tokens=False)["input_ids"][0] for b in BRACKETS] + [tok.eos_token_id]
-    )
+    stub = UniformBrackets(model, tok)
     sampler = HFSampler(tok, compile="false", batch_size=256)
     problems = [p for p in task.eval_problems(32) for _ in range(8)]
     prompts = [sampler.encode(p) for p in problems]

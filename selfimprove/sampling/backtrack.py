@@ -155,9 +155,10 @@ class Backtracker:
         self.erased = [0] * rows
         self.seen: list[set[tuple[int, ...]]] = [set() for _ in range(rows)]
 
-    def step(self, active, tokens, length, attention, hidden, max_new_tokens: int, eos):
+    def step(self, active, tokens, stats, length, attention, hidden, max_new_tokens: int, eos):
         """(feed, attention): feed is -1 for a row that samples next, else the token it feeds again
-        after erasing; the erased columns are masked in the attention returned."""
+        after erasing; the erased columns are masked in the attention returned, the erased tokens and
+        their statistics (`stats`) reset in place."""
         feed = torch.full((len(active),), -1, dtype=torch.long, device=tokens.device)
         ask = []  # positions in `active` whose prefix the verifier judges
         rows, lengths = active.tolist(), length[active].tolist()
@@ -196,6 +197,8 @@ class Backtracker:
             if kept == 0:
                 attention[i, self.prompt_column[row]] = 0
             tokens[row, kept:n] = self.pad
+            for v in stats.values():  # an erased token's statistics go with it
+                v[row, kept:n] = 0.0
             length[row] = kept
             feed[i] = tokens[row, kept - 1] if kept > 0 else self.prompt_last[row]
             self.quota[row] -= 1
@@ -229,3 +232,24 @@ class Backtracker:
             }
             for r in range(len(self.quota))
         ]
+
+
+class UniformBrackets(torch.nn.Module):
+    """METHODS §8's check model: `model`'s forward (its KV cache, positions and masks) with the logits
+    made uniform over the four space-led bracket tokens and EOS, so Q = 0 shows plain sampling's error
+    rate on `task=dyck` and Q = ∞ with B = 1 must give only valid strings."""
+
+    def __init__(self, model, tokenizer) -> None:
+        super().__init__()
+        ids = [tokenizer(b, add_special_tokens=False)["input_ids"] for b in (" (", " )", " [", " ]")]
+        if any(len(i) != 1 for i in ids):
+            raise ValueError("the tokenizer does not write each space-led bracket as one token")
+        self.model, self.config = model, model.config
+        self.allowed = [i[0] for i in ids] + [tokenizer.eos_token_id]
+
+    def forward(self, **kwargs):
+        out = self.model(**kwargs)
+        logits = torch.full_like(out.logits, -math.inf)
+        logits[..., self.allowed] = 0.0
+        out.logits = logits
+        return out

@@ -118,11 +118,9 @@ def sample(
     while True:
         feed = None
         if backtrack is not None:  # judge each prefix; erase where rejected; finished rows leave
-            feed, attention = backtrack.step(active, tokens, length, attention, hidden, max_new_tokens, eos)
-            if stats:  # an erased token's statistics go with it
-                erased = torch.arange(max_new_tokens, device=device)[None] >= length[active][:, None]
-                for v in stats.values():
-                    v[active] = v[active].masked_fill(erased, 0.0)
+            feed, attention = backtrack.step(
+                active, tokens, stats, length, attention, hidden, max_new_tokens, eos
+            )
             done = backtrack.finished(active, tokens, length, feed, max_new_tokens, eos)
             if done.any():
                 keep = (~done).nonzero()[:, 0]
