@@ -96,6 +96,13 @@ def ece(probs: Sequence[float], labels: Sequence[bool], bins: int = 10) -> float
     )
 
 
+def mean_reward(rows: list[dict]) -> float | None:
+    """The task's reward averaged (partial credit where the task grants it, so it moves on tasks
+    where accuracy stays at 0); None when no row carries one (hand-built rows)."""
+    rewards = [r["reward"] for r in rows if r.get("reward") is not None]
+    return accuracy(rewards) if rewards else None
+
+
 def token_budget(rows: list[dict]) -> dict[str, float | None]:
     """How long the completions ran: mean and max completion tokens, and the fraction `truncated`
     (cut by max_new_tokens without an EOS; None for rows sampled before the column existed)."""
@@ -129,6 +136,7 @@ def summarize_round(rows: list[dict], examples: list[dict], scorer_names: list[s
         "sample/n": len(rows),
         "sample/n_prompts": len(by_prompt),
         "sample/accuracy": accuracy([r["correct"] for r in rows]),
+        "sample/reward": mean_reward(rows),
         "sample/pass_at_k": accuracy([pass_at_k(len(g), n_correct[p], len(g)) for p, g in by_prompt.items()]),
         "sample/maj_at_k": maj_at_k(
             {p: [(r["answer"], r["correct"]) for r in g] for p, g in by_prompt.items()}
@@ -153,11 +161,12 @@ def summarize_round(rows: list[dict], examples: list[dict], scorer_names: list[s
 
 
 def eval_summary(greedy: list[dict], sampled: list[dict], k: int) -> dict[str, float]:
-    """Held-out metrics: greedy accuracy, and pass@k / maj@k from k samples per problem, of the final
-    attempts; the self-correction metrics of two-attempt episodes; the greedy completions' lengths
-    and truncation (`token_budget`)."""
+    """Held-out metrics: greedy accuracy and mean task reward (partial credit where the task grants
+    it), and pass@k / maj@k from k samples per problem, of the final attempts; the self-correction
+    metrics of two-attempt episodes; the greedy completions' lengths and truncation (`token_budget`)."""
     out = {
         "accuracy": accuracy([r["correct"] for r in final_turn(greedy)]),
+        "reward": mean_reward(final_turn(greedy)),
         **self_correction(greedy),
         **token_budget(greedy),
     }

@@ -1,7 +1,6 @@
 """Inference-time methods in the sampler: the warpers (typical sampling, METHODS §11) and tokenwise
 rejection sampling with backtracking (METHODS §8), on the tiny model and on a uniform-bracket LM."""
 
-
 import pytest
 import torch
 from omegaconf import OmegaConf

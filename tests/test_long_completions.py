@@ -101,8 +101,9 @@ def test_math_recipes_compose_for_a_gpu_run(recipe):
         assert cfg.launcher.backend == "deepspeed" and cfg.model.path.endswith("Instruct")
         assert cfg.task._target_.endswith("RandomCalculationTask")
         assert cfg.trainer.steps_per_round == 1 and cfg.trainer.micro_batch_size <= 8
-    assert ("correct" in cfg.verifiers) == (recipe == "math_grpo")
-    assert cfg.selector.reward == {"math_grpo": "correct", "math_label_free": "majority"}[recipe]
+    labelled = {"correct", "task_reward"} & set(cfg.verifiers)
+    assert labelled == ({"correct", "task_reward"} if recipe == "math_grpo" else set())
+    assert cfg.selector.reward == {"math_grpo": "task_reward", "math_label_free": "majority"}[recipe]
     mine = cfg_of(*head, "task=jsonl", "task.path=train.jsonl", "task.grader=math", recipe=recipe, model=None)
     assert mine.task.grader == "math"  # the recipe sets nothing a data task would not take
 

@@ -104,3 +104,44 @@ def test_bad_levels_and_config() -> None:
             RandomCalculationTask(level=level)
     task = instantiate(cfg_of("task=random_calculation", "task.level=3").task)
     assert isinstance(task, RandomCalculationTask) and task.depth == 3
+
+
+def test_math_grpo_rewards_a_near_miss_over_a_far_one() -> None:
+    """math_grpo's reward is the task's (the paper's partial credit): in one group, the exact answer
+    beats a near miss, which beats a far miss and no answer, which tie; `correct` alone ties all three."""
+    from omegaconf import OmegaConf
+
+    from selfimprove.parts import build_parts
+    from selfimprove.rollout import OneTurn
+
+    cfg = cfg_of(recipe="math_grpo")
+    parts = build_parts(OmegaConf.to_container(cfg, resolve=True), OneTurn())
+    task = instantiate(cfg.task)
+    problem = task.eval_problems(1)[0]
+    value = float(Fraction(problem.answer))
+    completions = [
+        f"\\boxed{{{problem.answer}}}",
+        f"\\boxed{{{value + 0.5}}}",
+        f"\\boxed{{{value + 1e6}}}",
+        "?",
+    ]
+    rows = []
+    for i, text in enumerate(completions):
+        reward = task.reward(text, problem)
+        rows.append(
+            {
+                "prompt_id": "p",
+                "sample_idx": i,
+                "completion": text,
+                "answer": task.extract_answer(text),
+                "reward": reward,
+                "correct": task.is_correct(text, problem),
+            }
+        )
+    for scorer in parts.scorers:
+        rows = scorer(rows, None)
+    assert [r["score/correct"] for r in rows] == [1.0, 0.0, 0.0, 0.0]
+    assert rows[0]["score/task_reward"] == 1.0 and 0.5 < rows[1]["score/task_reward"] < 1.0
+    assert rows[2]["score/task_reward"] == rows[3]["score/task_reward"] == 0.0
+    advantage = {r["sample_idx"]: r["advantage"] for r in parts.selector(rows, None)}
+    assert advantage[0] > advantage[1] > advantage[2] == advantage[3]

@@ -115,8 +115,10 @@ def seeds(a, model: list[str], out: Path) -> dict:
     args += [f"eval.n_problems={a.eval_problems}", "eval.k=0", f"eval.max_new_tokens={a.tokens}"]
     args += [f"eval.batch_size={a.eval_problems}"]
     stdout, seconds = selfimprove(args, out / "seeds-start.log")
-    first = eval_json(stdout)["eval/accuracy"]
-    result: dict = {"level": min(a.levels), "start": first, "start_seconds": seconds, "recipes": {}}
+    m = eval_json(stdout)
+    first = m["eval/accuracy"]
+    result: dict = {"level": min(a.levels), "start": first, "start_reward": m.get("eval/reward")}
+    result.update(start_seconds=seconds, recipes={})
     for recipe in RECIPES:
         sweep = out / f"seeds-{recipe}"
         seed_list = ",".join(map(str, a.seeds))
@@ -128,7 +130,8 @@ def seeds(a, model: list[str], out: Path) -> dict:
             f"run.dir={sweep}",
         ]
         _, seconds = selfimprove(args, out / f"seeds-{recipe}.log")
-        final = {s: round_records(sweep / f"seed={s}")[-1] for s in a.seeds}
+        records = {s: round_records(sweep / f"seed={s}") for s in a.seeds}
+        final = {s: r[-1] for s, r in records.items()}
         acc = {s: r["eval/accuracy"] for s, r in final.items()}
         gains = [v - first for v in acc.values()]
         result["recipes"][recipe] = {
@@ -136,11 +139,19 @@ def seeds(a, model: list[str], out: Path) -> dict:
             "gain_median": statistics.median(gains),
             "gain_worst": min(gains),
             "gain_best": max(gains),
+            # the task's reward with the paper's partial credit: it moves where accuracy cannot
+            "reward": {s: r.get("eval/reward") for s, r in final.items()},
+            "sample_reward": {s: [x.get("sample/reward") for x in r] for s, r in records.items()},
+            "updates": {s: sum(not x.get("update/skipped", False) for x in r) for s, r in records.items()},
             "sample_truncated": {s: r.get("sample/truncated") for s, r in final.items()},
             "seconds": seconds,
             "command": "selfimprove " + " ".join(args),
         }
     return result
+
+
+def _num(value: float | None) -> str:
+    return "-" if value is None else f"{value:.3f}"
 
 
 def table(report: dict) -> str:
@@ -166,14 +177,25 @@ def table(report: dict) -> str:
         ]
     if "seeds" in report:
         s = report["seeds"]
-        lines += ["", f"start (greedy, level {s['level']}): {100 * s['start']:.1f}%", ""]
-        lines += ["| recipe | seeds | final accuracy per seed | gain median / worst / best (points) |"]
-        lines += ["|---|---|---|---|"]
+        start_reward = s.get("start_reward")
+        lines += [
+            "",
+            f"start (greedy, level {s['level']}): {100 * s['start']:.1f}%, mean reward {start_reward}",
+            "",
+        ]
+        lines += [
+            "| recipe | seeds | final accuracy per seed | gain median / worst / best (points) |"
+            " final mean reward per seed | sample reward per round | updates |"
+        ]
+        lines += ["|---|---|---|---|---|---|---|"]
         for name, r in s["recipes"].items():
             per_seed = ", ".join(f"{100 * v:.1f}%" for v in r["accuracy"].values())
+            rewards = ", ".join(_num(v) for v in r.get("reward", {}).values())
+            curves = "; ".join(" → ".join(map(_num, c)) for c in r.get("sample_reward", {}).values())
             lines.append(
                 f"| {name} | {len(r['accuracy'])} | {per_seed} | {100 * r['gain_median']:+.1f} / "
-                f"{100 * r['gain_worst']:+.1f} / {100 * r['gain_best']:+.1f} |"
+                f"{100 * r['gain_worst']:+.1f} / {100 * r['gain_best']:+.1f} | {rewards} | {curves} | "
+                f"{', '.join(map(str, r.get('updates', {}).values()))} |"
             )
     return "\n".join(lines)
 

@@ -1,7 +1,7 @@
 """Verifiers: scorers, stages that add one `score/<name>` column to the round's rows."""
 
 from selfimprove.verify.combined import Combined
-from selfimprove.verify.ground_truth import GroundTruth
+from selfimprove.verify.ground_truth import GroundTruth, TaskReward
 from selfimprove.verify.loglik import SequenceLogLik
 from selfimprove.verify.majority import MajorityAgreement
 from selfimprove.verify.ptrue import PTrue
@@ -29,6 +29,7 @@ __all__ = [
     "RewardModel",
     "SelfCertainty",
     "SequenceLogLik",
+    "TaskReward",
     "graded_reward",
     "response_logits",
 ]
