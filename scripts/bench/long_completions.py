@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import statistics
 import subprocess
 import sys
@@ -42,6 +43,12 @@ def selfimprove(args: list[str], log: Path) -> tuple[str, float]:
     if proc.returncode != 0:
         raise SystemExit(f"failed ({proc.returncode}), see {log}:\n{proc.stderr[-2000:]}")
     return proc.stdout, seconds
+
+
+def fresh(run_dir: Path) -> Path:
+    """The bench's own run folder, emptied: a rerun measures anew instead of refusing to overwrite."""
+    shutil.rmtree(run_dir, ignore_errors=True)
+    return run_dir
 
 
 def eval_json(stdout: str) -> dict:
@@ -91,7 +98,7 @@ def train_args(a, model: list[str], recipe: str, rounds: int) -> list[str]:
 
 
 def one_round(a, model: list[str], out: Path) -> dict:
-    run_dir = out / "round"
+    run_dir = fresh(out / "round")
     args = ["train", *train_args(a, model, "math_grpo", 1), f"run.dir={run_dir}"]
     _, seconds = selfimprove(args, out / "round.log")
     (record,) = round_records(run_dir)
@@ -120,7 +127,7 @@ def seeds(a, model: list[str], out: Path) -> dict:
     result: dict = {"level": min(a.levels), "start": first, "start_reward": m.get("eval/reward")}
     result.update(start_seconds=seconds, recipes={})
     for recipe in RECIPES:
-        sweep = out / f"seeds-{recipe}"
+        sweep = fresh(out / f"seeds-{recipe}")
         seed_list = ",".join(map(str, a.seeds))
         args = [
             "train",
@@ -180,7 +187,7 @@ def table(report: dict) -> str:
         start_reward = s.get("start_reward")
         lines += [
             "",
-            f"start (greedy, level {s['level']}): {100 * s['start']:.1f}%, mean reward {start_reward}",
+            f"start (greedy, level {s['level']}): {100 * s['start']:.1f}%, mean reward {_num(start_reward)}",
             "",
         ]
         lines += [
