@@ -100,7 +100,7 @@ def mean_reward(rows: list[dict]) -> float | None:
     """The task's reward averaged (partial credit where the task grants it, so it moves on tasks
     where accuracy stays at 0); None when no row carries one (hand-built rows)."""
     rewards = [r["reward"] for r in rows if r.get("reward") is not None]
-    return accuracy(rewards) if rewards else None
+    return sum(rewards) / len(rewards) if rewards else None
 
 
 def token_budget(rows: list[dict]) -> dict[str, float | None]:

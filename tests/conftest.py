@@ -35,6 +35,42 @@ TINY = [
 ]
 
 
+def final_state(run_dir: Path) -> dict:
+    """The weights and EMA (prefixed `ema.`) of a run's latest checkpoint."""
+    from safetensors.torch import load_file
+
+    ckpt = run_dir / "checkpoints" / (run_dir / "checkpoints" / "latest").read_text().strip()
+    state = load_file(ckpt / "model.safetensors")
+    state.update({f"ema.{k}": v for k, v in load_file(ckpt / "ema.safetensors").items()})
+    return state
+
+
+def samples(run_dir: Path, round_: int) -> list[tuple]:
+    """A round's samples as sorted (prompt_id, sample_idx, completion_ids) tuples."""
+    import pyarrow.parquet as pq
+
+    table = pq.read_table(run_dir / "rounds" / f"r{round_:04d}" / "samples").to_pylist()
+    return sorted((r["prompt_id"], r["sample_idx"], tuple(r["completion_ids"])) for r in table)
+
+
+def assert_same_final_state(run_dir: Path, baseline: Path) -> None:
+    """The latest checkpoints' weights and EMA bit-identical, tensor by tensor (named when not)."""
+    import torch
+
+    want, got = final_state(baseline), final_state(run_dir)
+    assert want.keys() == got.keys()
+    for name in want:
+        assert torch.equal(want[name], got[name]), name
+
+
+def assert_same_samples(run_dir: Path, baseline: Path, rounds: range, per_round: int = 8 * 4) -> None:
+    """Each round's samples the baseline's, every (prompt, sample) once: none lost or duplicated."""
+    for round_ in rounds:
+        rows = samples(run_dir, round_)
+        assert rows == samples(baseline, round_)
+        assert len({r[:2] for r in rows}) == len(rows) == per_round
+
+
 def cfg_of(*overrides: str, recipe: str | None = "sharpen_sft", model: str | None = "tiny"):
     """The config `train` composes from the overrides, without running; the tiny sharpen_sft one unless
     recipe/model say otherwise (None: the config's own default)."""

@@ -6,9 +6,8 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from conftest import TINY, run_cli
+from conftest import TINY, run_cli, samples
 from safetensors.torch import load_file
-from test_resume import samples
 from test_two_ranks import torchrun
 
 from selfimprove import backends, extras

@@ -4,8 +4,7 @@
 import json
 
 import pytest
-from conftest import TINY, run_cli
-from test_resume import final_state
+from conftest import TINY, assert_same_final_state, run_cli
 
 
 def _train_lines(run_dir):
@@ -38,6 +37,4 @@ def test_sigterm_in_any_phase_stops_cleanly_and_resumes(tmp_path, baseline_run, 
     if signal_at.startswith("update"):
         assert (run_dir / "checkpoints" / "r0001-s000001" / "model.safetensors").exists()
     run_cli(["train", *TINY, f"run.dir={run_dir}", "resume=auto"])
-    want, got = final_state(baseline_run), final_state(run_dir)
-    for name in want:
-        assert (want[name] == got[name]).all(), name
+    assert_same_final_state(run_dir, baseline_run)

@@ -5,21 +5,7 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
-import torch
-from conftest import TINY, run_cli
-from safetensors.torch import load_file
-
-
-def final_state(run_dir: Path) -> dict[str, torch.Tensor]:
-    ckpt = run_dir / "checkpoints" / (run_dir / "checkpoints" / "latest").read_text().strip()
-    state = load_file(ckpt / "model.safetensors")
-    state.update({f"ema.{k}": v for k, v in load_file(ckpt / "ema.safetensors").items()})
-    return state
-
-
-def samples(run_dir: Path, round_: int) -> list[tuple]:
-    table = pq.read_table(run_dir / "rounds" / f"r{round_:04d}" / "samples").to_pylist()
-    return sorted((r["prompt_id"], r["sample_idx"], tuple(r["completion_ids"])) for r in table)
+from conftest import TINY, assert_same_final_state, assert_same_samples, run_cli
 
 
 @pytest.mark.parametrize(
@@ -46,14 +32,8 @@ def test_kill_and_resume_is_bit_identical(tmp_path, baseline_run, crash_at):
 
     run_cli(["train", *TINY, f"run.dir={run_dir}", "resume=auto"])
 
-    want, got = final_state(baseline_run), final_state(run_dir)
-    assert want.keys() == got.keys()
-    for name in want:
-        assert torch.equal(want[name], got[name]), name
-    for round_ in (1, 2):
-        rows = samples(run_dir, round_)
-        assert rows == samples(baseline_run, round_)
-        assert len({r[:2] for r in rows}) == len(rows) == 8 * 4  # no sample lost or duplicated
+    assert_same_final_state(run_dir, baseline_run)
+    assert_same_samples(run_dir, baseline_run, range(1, 3))
     lines = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [x["round"] for x in lines if "eval/accuracy" in x] == [0, 1, 2]
     assert [x["step"] for x in lines if "train/loss" in x] == list(range(1, 7))
@@ -122,9 +102,7 @@ def test_sigterm_checkpoints_and_resumes(tmp_path, baseline_run):
     assert proc.returncode == 0, err[-2000:]
     assert "stopped by signal" in out
     run_cli(["train", *TINY, f"run.dir={run_dir}", "resume=auto"])
-    want, got = final_state(baseline_run), final_state(run_dir)
-    for name in want:
-        assert torch.equal(want[name], got[name]), name
+    assert_same_final_state(run_dir, baseline_run)
 
 
 def test_eval_command_on_a_run_folder(baseline_run):
@@ -145,9 +123,7 @@ def test_dropout_is_seeded_per_micro_batch_so_resume_stays_bit_identical(tmp_pat
     )
     assert killed.returncode == -9
     run_cli(["train", *dropout, f"run.dir={got}", "resume=auto"])
-    a, b = final_state(want), final_state(got)
-    for name in a:
-        assert torch.equal(a[name], b[name]), name
+    assert_same_final_state(got, want)
 
 
 # RL: GRPO with a label-free reward (self-certainty: the tiny random model never answers right), KL to
@@ -181,9 +157,7 @@ def test_rl_run_killed_mid_round_resumes_bit_identical(tmp_path, rl_baseline, cr
     )
     assert killed.returncode == -9, killed.stderr[-2000:]
     run_cli(["train", *RL, f"run.dir={run_dir}", "resume=auto"])
-    want, got = final_state(rl_baseline), final_state(run_dir)
-    for name in want:
-        assert torch.equal(want[name], got[name]), name
+    assert_same_final_state(run_dir, rl_baseline)
     lines = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
     steps = [x for x in lines if "train/loss" in x]
     assert [x["step"] for x in steps] == [1, 2, 3, 4]
@@ -229,9 +203,7 @@ def test_score_run_killed_in_stage_two_resumes_bit_identical(tmp_path, score_bas
     )
     assert killed.returncode == -9, killed.stderr[-2000:]
     run_cli(["train", *SCORE, f"run.dir={run_dir}", "resume=auto"])
-    want, got = final_state(baseline), final_state(run_dir)
-    for name in want:
-        assert torch.equal(want[name], got[name]), name
+    assert_same_final_state(run_dir, baseline)
     lines = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
     stages = {x["round"]: x["schedule/stage"] for x in lines if "schedule/stage" in x}
     assert stages == {1: 1, 2: 2, 3: 2}
@@ -264,8 +236,7 @@ def test_ditto_run_killed_mid_update_resumes_bit_identical(tmp_path):
     )
     assert killed.returncode == -9, killed.stderr[-2000:]
     run_cli(["train", *DITTO, f"run.dir={run_dir}", "resume=auto"])
-    for name, value in final_state(baseline).items():
-        assert torch.equal(value, final_state(run_dir)[name]), name
+    assert_same_final_state(run_dir, baseline)
     steps = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
     coins = [x["ditto/step_is_ditto"] for x in steps if "train/loss" in x]
     assert len(coins) == 8 and 0 < sum(coins) < 8  # both kinds of step happened

@@ -20,8 +20,7 @@ from pathlib import Path
 import psutil
 import pytest
 import torch
-from conftest import TINY, run_cli, torchrun
-from test_resume import final_state, samples
+from conftest import TINY, assert_same_final_state, assert_same_samples, run_cli, torchrun
 
 # The tiny recipe over six rounds: about 65 fault points, more than 20 kills of up to 5 points each get
 # through, so the kills land in every phase and round.
@@ -137,10 +136,7 @@ def test_preemption_storm(tmp_path, storm_baseline):
 
     run_cli(["train", *STORM, f"run.dir={run_dir}", "resume=auto"], launcher=torchrun(2))
 
-    want, got = final_state(baseline), final_state(run_dir)
-    assert want.keys() == got.keys()
-    for name in want:  # weights and EMA
-        assert torch.equal(want[name], got[name]), name
+    assert_same_final_state(run_dir, baseline)
     ckpt = {
         d: d / "checkpoints" / (d / "checkpoints" / "latest").read_text().strip() for d in (baseline, run_dir)
     }
@@ -150,7 +146,5 @@ def test_preemption_storm(tmp_path, storm_baseline):
     assert json.loads((ckpt[baseline] / "journal.json").read_text()) == json.loads(
         (ckpt[run_dir] / "journal.json").read_text()
     )
-    for round_ in range(1, 7):
-        rows = samples(run_dir, round_)
-        assert rows == samples(baseline, round_) and len({r[:2] for r in rows}) == len(rows) == 8 * 4
+    assert_same_samples(run_dir, baseline, range(1, 7))
     assert _metrics(run_dir) == _metrics(baseline)  # no row lost or repeated, every value the same

@@ -8,9 +8,8 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 import torch
-from conftest import TINY, run_cli
+from conftest import TINY, run_cli, samples
 from safetensors.torch import load_file
-from test_resume import samples
 
 
 def _eval_rows(run_dir: Path, round_: int, weights: str) -> list[tuple]:
