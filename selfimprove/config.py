@@ -166,8 +166,9 @@ class EvalConfig:
     # Model selection: the evaluated round with the best `select_by` is the one reported (selected/*).
     # dev/accuracy: greedy accuracy on dev_problems labelled problems (a recipe using it uses labels);
     # unlabelled/information: the prompt-answer mutual information of unlabelled_k samples on each of
-    # unlabelled_problems prompts (no labels). Both sets come from the task's training stream, far past
-    # any run's rounds, so none is a reported problem.
+    # unlabelled_problems prompts (no labels). Both sets are training problems, not held out: drawn from
+    # the task's training stream far past any run's rounds, so none is a reported (held-out) problem,
+    # but on a small problem space they are problems the run trains on (the default task: about half).
     dev_problems: int = 0
     unlabelled_problems: int = 0
     unlabelled_k: int = 4
@@ -362,8 +363,16 @@ def check_trainable(cfg: DictConfig) -> None:
             "model.dtype=float16 cannot train here (fp16 gradients need a loss scaler): use bfloat16, which "
             "trains with fp32 master weights, or float32"
         )
-    if str(cfg.trainer.share_prefix).lower() not in ("auto", "true", "false"):
+    share, attention = str(cfg.trainer.share_prefix).lower(), cfg.model.attn_implementation
+    if share not in ("auto", "true", "false"):
         raise ConfigError(f"trainer.share_prefix: {cfg.trainer.share_prefix!r} is not auto|true|false")
+    from selfimprove.logprobs import TREE_ATTENTION  # late: it imports torch
+
+    if share == "true" and attention is not None and attention not in TREE_ATTENTION:
+        raise ConfigError(  # null: transformers picks sdpa or eager, which take it
+            f"trainer.share_prefix=true packs rows with a 4-D attention mask, which model.attn_implementation="
+            f"{attention} cannot take: use {' or '.join(TREE_ATTENTION)}, or trainer.share_prefix=auto"
+        )
 
 
 def build_plan(cfg: DictConfig, entries: list[ScheduleEntry] | None = None) -> Plan:

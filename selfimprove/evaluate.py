@@ -55,13 +55,15 @@ def evaluate(
     fault: str = "",
 ) -> dict | None:
     """Metrics named eval/* (raw weights) and eval_ema/* (EMA weights); None if stopped by a signal.
-    `rollout`: the run's (built once by the loop); by default the config's."""
+    `rollout`: the run's (built once by the loop); by default the config's. Evaluation runs its
+    `for_evaluation()` form: n samples per problem whatever budget training gives them."""
     out: dict = {}
     problems = task.eval_problems(cfg.eval.n_problems)
     folder = folder / eval_key(cfg)
-    rollout = rollout or build_rollout(
-        OmegaConf.to_container(cfg.rollout, resolve=True) if cfg.get("rollout") else None
-    )
+    rollout = (
+        rollout
+        or build_rollout(OmegaConf.to_container(cfg.rollout, resolve=True) if cfg.get("rollout") else None)
+    ).for_evaluation()
 
     def draw(name: str, problems: list, n: int, gen: dict, seed_of_unit: Callable[[int], int], desc: str):
         """n rollouts per problem into folder/name, unit by unit (the loop's own sampling code)."""

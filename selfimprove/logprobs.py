@@ -26,6 +26,9 @@ from torch import Tensor
 from selfimprove.sampling.prefix import forward_inputs, left_pad
 
 SHARE = ("auto", "true", "false")
+# The attention implementations that take the packed trie's arbitrary 4-D mask (flash attention does
+# not): `auto` falls back to per row without one, `true` is refused at config time (`check_trainable`).
+TREE_ATTENTION = ("eager", "sdpa")
 
 
 @dataclass
@@ -186,7 +189,7 @@ def _attention(model) -> str:
 
 def tree_supported(model) -> bool:
     """A packed trie needs an arbitrary 4-D attention mask: eager and sdpa take one, flash attention not."""
-    return _attention(model) in ("eager", "sdpa")
+    return _attention(model) in TREE_ATTENTION
 
 
 def tree_is_cheaper(trie: Trie, rows: list[tuple[list[int], list[int]]], hidden_size: int) -> bool:

@@ -139,8 +139,16 @@ class Loop:
                 self.engine.share_ema()  # collective: before the units, which ranks split
             if cfg.sampler.backtrack.quota > 0 and cfg.sampler.backtrack.verifier == "probe":
                 # the learned verifier, fitted on the last round's checked samples (recomputed on resume)
+                # and on the hidden states of the weights that sample with it
                 last = self.run_dir / "rounds" / f"r{r.number - 1:04d}" / "samples"
-                self.engine.probe = fit_round_probe(self.engine, last, cfg.sampler.backtrack.layer)
+                probe, why = fit_round_probe(self.engine, last, cfg.sampler.backtrack.layer, weights=weights)
+                self.engine.probe = probe  # None: the rollout samples plainly, as said here
+                r.record["sample/backtrack_probe"] = probe is not None
+                if probe is None and dist.is_main():
+                    print(
+                        f"[selfimprove] round {r.number}: sampling without backtracking: "
+                        f"sampler.backtrack.verifier=probe has no probe ({why})"
+                    )
             rows = phases.sample_units(
                 r.folder / "samples",
                 problems,
@@ -165,6 +173,8 @@ class Loop:
     def verify(self, r: Round) -> list[dict] | None:
         """Every scorer attaches a score to every sample; what they log is recorded as verify/<name>."""
         with r.phase("verify"):
+            if any(s.uses_ema for s in r.parts.scorers):
+                self.engine.share_ema()  # collective: before the units, which ranks split
             scored = phases.verify_units(
                 r.folder / "samples",
                 r.folder / "scored",

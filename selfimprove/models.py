@@ -57,6 +57,8 @@ def embedded_dir() -> Path:
     tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=".convert-"))
     model.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
+    if target.exists() and not (target / "config.json").exists():  # not ours: a folder left half made
+        shutil.rmtree(target, ignore_errors=True)
     try:  # another rank may have finished first: theirs is as good as ours
         os.rename(tmp, target)
     except OSError:

@@ -31,7 +31,7 @@ PANELS = [
         ],
     ),
     (
-        "label-free model selection",
+        "label-free model selection (on training prompts, not held out)",
         [("unlabelled/information", "I(prompt; answer), nats"), ("unlabelled/agreement", "agreement")],
     ),
     (

@@ -46,7 +46,8 @@ def attempt_row(task, problem: Problem, prompt_ids: list[int], sample_idx: int, 
 def with_backtracker(ctx: Context, gen: dict, problems: Sequence[Problem]) -> dict:
     """`gen` with its backtracking settings (`sampler.backtrack`) made into this call's `Backtracker`:
     the task's exact prefix check on these rows' problems, or the probe the loop fitted on the last
-    round's checked samples (none before there are any: the first round samples plainly)."""
+    round's checked samples (None where it could fit none: the loop says so, and the round samples
+    plainly). Where nothing fitted one at all (no loop) it is an error, never a silent plain sample."""
     settings = gen.get("backtrack")
     if settings is None:
         return gen
@@ -54,8 +55,13 @@ def with_backtracker(ctx: Context, gen: dict, problems: Sequence[Problem]) -> di
 
     if settings.verifier == "task":
         verifier = TaskVerifier(ctx.task, list(problems), ctx.tokenizer)
+    elif not hasattr(ctx.engine, "probe"):  # `selfimprove sample` refuses this at config time
+        raise ValueError(
+            "sampler.backtrack.verifier=probe: no probe here (the training loop fits one on a round's "
+            "samples); use sampler.backtrack.verifier=task"
+        )
     else:
-        verifier = getattr(ctx.engine, "probe", None)
+        verifier = ctx.engine.probe
     rest = {k: v for k, v in gen.items() if k != "backtrack"}
     return rest if verifier is None else {**rest, "backtrack": Backtracker(settings, verifier)}
 
@@ -67,6 +73,11 @@ class OneTurn:
 
     def check(self, task) -> None:
         return None
+
+    def for_evaluation(self) -> OneTurn:
+        """The rollout held-out evaluation runs: one that gives every problem the n samples it is asked
+        for (pass@k needs k), and episodes as training sees them (two attempts stay two)."""
+        return self
 
     def __call__(self, ctx: Context, problems: Sequence[Problem], n: int, gen: dict) -> list[dict]:
         """`gen`: what `generate` takes (max_new_tokens, temperature, weights, ...); seeded by the unit."""
@@ -116,6 +127,10 @@ class AdaptiveBudget(OneTurn):
             self.judge = PTrue(
                 name="no_restart", template=RESTART_TEMPLATE, prefill="", options=(" No", " Yes")
             )
+
+    def for_evaluation(self) -> OneTurn:
+        """Evaluation samples what it declares (k per problem, one greedy): a budget is a training choice."""
+        return OneTurn()
 
     def unsure(self, ctx: Context, rows: list[dict]) -> bool:
         if self.signal == "disagreement":

@@ -137,6 +137,13 @@ def open_session(
     from selfimprove.stages import order_stages
 
     cfg = load_config(run_dir, overrides)
+    backtrack = cfg.sampler.backtrack
+    if backtrack.quota > 0 and backtrack.verifier == "probe":  # else it would sample plainly, silently
+        raise ConfigError(
+            "sampler.backtrack.verifier=probe needs a probe fitted on a training round's samples, which "
+            "only the training loop has: use sampler.backtrack.verifier=task (the task's prefix check) "
+            "or sampler.backtrack.quota=0"
+        )
     if weights == "ema" and (run_dir is None or not cfg.ema.enabled):
         raise CommandError(
             "weights=ema but " + ("a bare model has no EMA" if run_dir is None else "the run kept no EMA")

@@ -45,14 +45,18 @@ class Stage:
     """Rows in, rows out. Subclasses set `reads`/`writes` (column names) and implement `__call__`.
 
     `needs_reference`: the stage asks for the frozen base's log-probs (a full fine-tune then keeps a
-    frozen copy; LoRA's base is the adapter switched off). `check(task)` raises ValueError when the
-    task cannot serve the stage (e.g. curation with real data from a task without references).
+    frozen copy; LoRA's base is the adapter switched off). `uses_ema`: the stage asks the context for
+    the "ema" weights (under ZeRO-3/FSDP2 the loop then gathers the average on every rank before the
+    phase's units: a gather inside one unit would not pair up across ranks). `check(task)` raises
+    ValueError when the task cannot serve the stage (e.g. curation with real data from a task without
+    references).
     """
 
     name: str = "stage"
     reads: tuple[str, ...] = ()
     writes: tuple[str, ...] = ()
     needs_reference: bool = False
+    uses_ema: bool = False
     probability: bool = False  # a scorer whose score is a probability of being right (calibration applies)
 
     def check(self, task: Any) -> None:

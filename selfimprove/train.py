@@ -11,7 +11,8 @@ on the last; DeepSpeed is told it is the boundary).
 
 A step whose loss or gradient is not finite changes no weights: without DeepSpeed the optimizer step
 is not taken; DeepSpeed skips it itself and says so (its optimizer's `overflow`; seen with 0.19.8, the
-version scripts/setup.sh installs, in fp32 and bf16). Were a
+version scripts/setup.sh installs, in fp32 and bf16: tests/test_bad_input.py with ZeRO-2 in fp32,
+tests/test_backends.py with ZeRO-3 in bf16 on two ranks). Were a
 non-finite step ever applied (a DeepSpeed that does not check), the update stops with an error before
 the EMA, a checkpoint or the next step sees those weights.
 """

@@ -91,7 +91,7 @@ def ttrl_reward(task: Any) -> RewardFunction:
 
 
 def label_free_reward(task: Any, surprisal_weight: float = 0.3) -> RewardFunction:
-    """The quickstart's reward: EMPO's share + λ·log((M + 1)/(c + 1)), c of the batch's M completions
+    """`label_free`'s reward: EMPO's share + λ·log((M + 1)/(c + 1)), c of the batch's M completions
     of other prompts giving the same answer (agreement within a prompt, diversity across prompts)."""
     extract = _extractor(task)
 

@@ -71,6 +71,19 @@ def assert_same_samples(run_dir: Path, baseline: Path, rounds: range, per_round:
         assert len({r[:2] for r in rows}) == len(rows) == per_round
 
 
+def letter_task(folder: Path, rows: int = 40) -> list[str]:
+    """Overrides for a JSONL task whose answer is a completion's first lowercase letter: answers the
+    tiny random model varies from sample to sample and round to round (on arithmetic it never writes
+    a number, so every answer is None and agreement-based signals are constant)."""
+    import json
+
+    data = folder / "letters.jsonl"
+    data.write_text(
+        "".join(json.dumps({"question": f"Name a letter ({i}).", "answer": "a"}) + "\n" for i in range(rows))
+    )
+    return ["task=jsonl", f"task.path={data}", "+task.answer_pattern='[a-z]'"]
+
+
 def cfg_of(*overrides: str, recipe: str | None = "sharpen_sft", model: str | None = "tiny"):
     """The config `train` composes from the overrides, without running; the tiny sharpen_sft one unless
     recipe/model say otherwise (None: the config's own default)."""
@@ -192,3 +205,49 @@ def slurm_cluster(tmp_path_factory) -> Iterator[SlurmCluster]:
         yield SlurmCluster(folder, env)
     finally:
         subprocess.run(["bash", script, "stop", folder], capture_output=True, timeout=120)
+
+
+def kill_tree(pid: int) -> None:
+    """SIGKILL to a launcher and every process under it: torchrun starts each rank in a session of its
+    own, so killing the launcher's process group would leave the ranks hung (holding the pipes open)."""
+    import psutil  # accelerate's dependency
+
+    try:
+        root = psutil.Process(pid)
+        family = [root, *root.children(recursive=True)]
+    except psutil.NoSuchProcess:
+        return
+    for process in family:
+        try:
+            process.kill()
+        except psutil.NoSuchProcess:
+            pass
+
+
+def run_cli_within(
+    seconds: float,
+    args: list[str],
+    *,
+    env: dict | None = None,
+    launcher: list[str] | None = None,
+    check: bool = True,
+) -> subprocess.CompletedProcess:
+    """`run_cli` that fails after `seconds` instead of waiting: a collective that never pairs up hangs
+    every rank. Then the launcher and its ranks are killed, so none outlives the test."""
+    cmd = (launcher or [sys.executable, "-m"]) + ["selfimprove", *args]
+    full_env = {**os.environ, **(env or {})}
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=full_env)
+    try:
+        out, err = proc.communicate(timeout=seconds)
+    except subprocess.TimeoutExpired:
+        kill_tree(proc.pid)
+        out, err = proc.communicate(timeout=60)
+        raise AssertionError(
+            f"{cmd} still running after {seconds} s (hung):\n{out[-3000:]}\n{err[-5000:]}"
+        ) from None
+    finally:
+        if proc.poll() is None:  # an error above (e.g. KeyboardInterrupt): no orphaned ranks
+            kill_tree(proc.pid)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{cmd} failed ({proc.returncode}):\n{out[-3000:]}\n{err[-5000:]}")
+    return subprocess.CompletedProcess(cmd, proc.returncode, out, err)

@@ -7,7 +7,7 @@ from selfimprove.engine import Engine
 from selfimprove.rollout import AdaptiveBudget, OneTurn
 from selfimprove.stages import Context
 from selfimprove.tasks import ArithmeticTask
-from tests.conftest import cfg_of, run_cli
+from tests.conftest import cfg_of, letter_task, run_loop
 
 
 @pytest.fixture(scope="module")
@@ -70,30 +70,42 @@ def test_bad_settings(bad):
         AdaptiveBudget(**bad)
 
 
-def test_a_training_run_with_adaptive_budgets(tmp_path):
-    """The loop with rollout=adaptive: the random model's answers agree (none), so n_min rows each."""
-    run_dir = tmp_path / "run"
-    run_cli(
-        [
-            "train",
-            "recipe=grpo_oracle",
-            "model=tiny",
-            "rollout=adaptive",
-            "loop.rounds=1",
-            "loop.prompts_per_round=8",
-            "sampler.n=4",
-            "eval.n_problems=8",
-            "eval.k=0",
-            "trainer.steps_per_round=1",
-            f"run.dir={run_dir}",
-        ]
-    )
+def test_a_training_run_with_adaptive_budgets_evaluates_what_it_declares(tmp_path):
+    """The loop with rollout=adaptive on answers that disagree (the answer is the completion's first
+    letter, which the random model varies): unsure prompts get all n, so training groups differ in
+    size; evaluation still samples k per problem and one greedy each (it ran the adaptive rollout,
+    kept 2 samples of a sure prompt and pass@k raised)."""
+    import json
+
     from selfimprove.checkpoint import read_table
 
-    rows = [
-        r
-        for p in sorted((run_dir / "rounds" / "r0001" / "samples").glob("unit-*.parquet"))
-        for r in read_table(p)
-    ]
-    assert len(rows) == 8 * 2 and {r["budget"] for r in rows} == {2}
-    assert (run_dir / "rounds" / "r0001" / "metrics.json").exists()
+    run_dir = tmp_path / "run"
+    cfg = cfg_of(
+        "rollout=adaptive",
+        *letter_task(tmp_path),
+        "loop.rounds=1",
+        "loop.prompts_per_round=8",
+        "sampler.n=4",
+        "eval.n_problems=6",
+        "eval.k=4",
+        "eval.k_problems=6",
+        "trainer.steps_per_round=1",
+        f"run.dir={run_dir}",
+        recipe="grpo_oracle",
+    )
+    run_loop(cfg)
+
+    def table(folder):
+        return [r for p in sorted(folder.glob("unit-*.parquet")) for r in read_table(p)]
+
+    trained = by_prompt(table(run_dir / "rounds" / "r0001" / "samples"))
+    assert all(r["budget"] == len(g) for g in trained.values() for r in g)
+    assert 4 in {len(g) for g in trained.values()}  # the "sample more" branch ran
+    (evaluation,) = (run_dir / "rounds" / "r0001" / "eval").iterdir()
+    sampled = by_prompt(table(evaluation / "raw-k4"))
+    assert len(sampled) == 6 and all(len(g) == 4 for g in sampled.values())
+    greedy = table(evaluation / "raw-greedy")
+    assert len(greedy) == 6 and len(by_prompt(greedy)) == 6
+    assert all("budget" not in r for r in greedy + [r for g in sampled.values() for r in g])
+    metrics = json.loads((run_dir / "rounds" / "r0001" / "metrics.json").read_text())
+    assert metrics["eval/k"] == 4 and metrics["eval/pass_at_k"] is not None

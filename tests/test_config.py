@@ -18,6 +18,7 @@ from selfimprove.config import (
     EvalConfig,
     TrainerConfig,
     VLLMConfig,
+    check_trainable,
     register,
     schedule,
     validate_targets,
@@ -232,3 +233,18 @@ def test_a_runs_seed_draws_its_prompts():
     task = instantiate(cfg_of().task)
     first_round = [[task.train_problem(start + i).messages for i in range(16)] for start in starts[:2]]
     assert first_round[0] != first_round[1]
+
+
+def test_share_prefix_true_under_flash_attention_is_refused_naming_both_keys():
+    """The packed prefix tree needs a 4-D attention mask, which flash attention cannot take: `auto`
+    falls back to per row, but `true` must be refused before any model loads."""
+    with pytest.raises(ConfigError) as e:
+        check_trainable(cfg_of("trainer.share_prefix=true", "model.attn_implementation=flash_attention_2"))
+    assert "trainer.share_prefix=true" in str(e.value)
+    assert "model.attn_implementation=flash_attention_2" in str(e.value)
+    for fine in (
+        ["trainer.share_prefix=auto", "model.attn_implementation=flash_attention_2"],
+        ["trainer.share_prefix=true", "model.attn_implementation=sdpa"],
+        ["trainer.share_prefix=true"],  # transformers' choice: sdpa, or eager
+    ):
+        check_trainable(cfg_of(*fine))

@@ -1,5 +1,5 @@
-"""Inference-time methods in the sampler: the warpers (typical sampling, METHODS §11) and tokenwise
-rejection sampling with backtracking (METHODS §8), on the tiny model and on a uniform-bracket LM."""
+"""Inference-time methods in the sampler: the warpers (typical sampling, Meister et al. 2202.00666) and tokenwise
+rejection sampling with backtracking (Botta et al. 2502.12123), on the tiny model and on a uniform-bracket LM."""
 
 import pytest
 import torch
@@ -23,8 +23,9 @@ def tiny():
 
 
 def test_typical_worked_example_through_the_sampler():
-    """p = [.5, .3, .2]: H = 1.02965; τ = 0.25 keeps token 1, 0.5 keeps {0, 1}, 0.9 all three; the
-    recorded log-probs are those of the renormalised kept set."""
+    """p = [.5, .3, .2]: H = 1.02965; τ = 0.25 keeps token 1, 0.5 keeps {0, 1}, 0.9 all three; tokens
+    are drawn from the renormalised kept set, the recorded log-probs are the policy's before the cut
+    (log p: what the update's π is, so the importance ratio is 1 on-policy; issue 29)."""
     p = torch.tensor([0.5, 0.3, 0.2])
     assert float(-(p * p.log()).sum()) == pytest.approx(1.02965, abs=1e-5)
     for tau, kept in [(0.25, {1}), (0.5, {0, 1}), (0.9, {0, 1, 2})]:
@@ -38,12 +39,12 @@ def test_typical_worked_example_through_the_sampler():
         mass = sum(p[i] for i in kept)
         for i in kept:
             at = tokens[:, 0] == i
-            assert stats["logprobs"][at, 0] == pytest.approx(float((p[i] / mass).log()), abs=1e-6)
+            assert stats["logprobs"][at, 0] == pytest.approx(float(p[i].log()), abs=1e-6)
             assert at.float().mean() == pytest.approx(float(p[i] / mass), abs=0.04)
 
 
 @pytest.mark.parametrize("compile", ["false", "static"])
-def test_typical_recorded_logprobs_equal_a_forward_under_the_filtered_distribution(tiny, compile):
+def test_typical_samples_inside_the_filter_and_records_the_tempered_policy(tiny, compile):
     model, tok = tiny
     with torch.no_grad():
         model.model.norm.weight.mul_(8.0)  # peaked logits, so the typical set is a real cut
@@ -55,9 +56,9 @@ def test_typical_recorded_logprobs_equal_a_forward_under_the_filtered_distributi
         for prompt, out in zip(prompts * 2, outs):
             ids = torch.tensor([prompt + out["completion_ids"]])
             logits = model(input_ids=ids).logits[0, len(prompt) - 1 : -1].float()
-            expected = torch.log_softmax(warp(None, logits), -1)
-            got = expected.gather(1, torch.tensor(out["completion_ids"])[:, None])[:, 0]
-            assert torch.isfinite(got).all()  # every sampled token is inside its typical set
+            drawn = torch.tensor(out["completion_ids"])[:, None]
+            assert torch.isfinite(warp(None, logits).gather(1, drawn)).all()  # inside its typical set
+            got = torch.log_softmax(logits / 0.8, -1).gather(1, drawn)[:, 0]  # before the filter
             assert out["logprobs"] == pytest.approx(got.tolist(), abs=2e-4)
             cut = TypicalLogitsWarper(0.4)(None, logits / 0.8)
             assert (torch.isinf(cut).sum(-1) > 0).any()  # the filter removed tokens somewhere
@@ -237,12 +238,96 @@ def test_the_loop_probe_is_fitted_on_a_rounds_checked_samples(tmp_path, tiny):
 
             return contextlib.nullcontext(model)
 
-    assert fit_round_probe(Holder(), tmp_path / "missing", layer=2) is None  # the first round: none
-    probe = fit_round_probe(Holder(), tmp_path, layer=2)
-    assert probe is not None and probe.layer == 2
+    # the first round (no samples yet) and a round of one class fit none, and say why
+    assert fit_round_probe(Holder(), tmp_path / "missing", layer=2) == (
+        None,
+        "no earlier round's samples to fit it on",
+    )
+    write_table(tmp_path / "one" / "unit-00000.parquet", [{**r, "correct": False} for r in rows])
+    assert fit_round_probe(Holder(), tmp_path / "one", layer=2) == (
+        None,
+        f"the last round's {len(rows)} samples all have correct=False, one class only",
+    )
+    probe, why = fit_round_probe(Holder(), tmp_path, layer=2)
+    assert probe is not None and probe.layer == 2 and why == ""
     bt = Backtracker(BacktrackConfig(quota=2, block=1, threshold=0.5, verifier="probe", layer=2), probe)
     again = sampler.generate(model, prompts, max_new_tokens=4, seed=0, backtrack=bt)
     assert all("query_cost" in o for o in again)
+
+
+def test_the_round_probe_reads_the_hidden_states_of_the_weights_that_sample(tmp_path):
+    """With ema.sample_from=ema the probe must read the EMA's hidden states, as the sampler will: after
+    the policy moved away from the average, fit_round_probe(weights="ema") is the EMA's, not the policy's."""
+    from selfimprove.checkpoint import write_table
+    from selfimprove.engine import Engine
+    from selfimprove.sampling.backtrack import fit_round_probe, prefix_hidden_states
+    from tests.conftest import reset_accelerate
+
+    reset_accelerate()
+    engine = Engine(cfg_of("ema.enabled=true"), train=False)
+    with torch.no_grad():  # an update the average has not followed (LoRA's B starts at zero)
+        torch.manual_seed(0)
+        for p in engine.policy.parameters():
+            if p.requires_grad:
+                p.add_(0.5 * torch.randn_like(p))
+    prompts = [engine.sampler.encode(p) for p in ArithmeticTask().eval_problems(4)]
+    completions = [[5 + i, 7, 11 + i] for i in range(len(prompts))]
+    rows = [
+        {"prompt_ids": p, "completion_ids": c, "correct": i % 2 == 0}
+        for i, (p, c) in enumerate(zip(prompts, completions))
+    ]
+    write_table(tmp_path / "unit-00000.parquet", rows)
+    mean = {}
+    for weights in ("policy", "ema"):
+        with engine.model_with(weights) as model:
+            states = prefix_hidden_states(model, prompts, completions, engine.pad, layer=-1)
+        mean[weights] = torch.cat(states).mean(0)
+    assert not torch.allclose(mean["policy"], mean["ema"], atol=1e-3)  # the two really differ here
+    probe, _ = fit_round_probe(engine, tmp_path, layer=-1, weights="ema")
+    assert torch.allclose(probe.mean, mean["ema"], atol=1e-5)  # standardised by the EMA's states
+
+
+def test_a_loop_round_without_a_probe_says_so_and_fits_on_the_sampling_weights(tmp_path, monkeypatch, capsys):
+    """verifier=probe in round 1 (no checked samples yet): the round says in one line and in its
+    metrics that it samples without backtracking; the fit is asked for the weights that sample (ema)."""
+    import json
+
+    from selfimprove import loop
+    from tests.conftest import run_loop
+
+    asked, fit = [], loop.fit_round_probe
+
+    def spy(*args, **kwargs):
+        asked.append(kwargs.get("weights", "policy"))
+        return fit(*args, **kwargs)
+
+    monkeypatch.setattr(loop, "fit_round_probe", spy)
+    run_dir = tmp_path / "run"
+    run_loop(
+        cfg_of(
+            "loop.rounds=1",
+            "loop.prompts_per_round=4",
+            "sampler.n=2",
+            "sampler.backtrack.quota=2",
+            "sampler.backtrack.verifier=probe",
+            "ema.enabled=true",
+            "ema.sample_from=ema",
+            "eval.before=false",
+            "eval.n_problems=4",
+            "eval.k=0",
+            "trainer.steps_per_round=1",
+            "trainer.micro_batch_size=4",
+            f"run.dir={run_dir}",
+        )
+    )
+    said = [line for line in capsys.readouterr().out.splitlines() if "without backtracking" in line]
+    assert said == [
+        "[selfimprove] round 1: sampling without backtracking: sampler.backtrack.verifier=probe has no "
+        "probe (no earlier round's samples to fit it on)"
+    ]
+    record = json.loads((run_dir / "rounds" / "r0001" / "metrics.json").read_text())
+    assert record["sample/backtrack_probe"] is False
+    assert asked == ["ema"]  # fitted (when it can be) on the EMA's hidden states: the EMA samples
 
 
 def test_sample_command_backtracks_on_the_dyck_task(tmp_path):

@@ -1,4 +1,4 @@
-"""RandomCalculation as a reasoning task (Wu et al.; METHODS §9): the recipe, the label from the rendered
+"""RandomCalculation as a reasoning task (Wu et al. 2507.10532): the recipe, the label from the rendered
 string, the paper's prompt and partial reward, seeded and disjoint streams, and its config."""
 
 from __future__ import annotations

@@ -9,7 +9,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from conftest import TINY, run_cli
+from conftest import TINY, letter_task, run_cli
 
 from selfimprove.metrics import answer_information
 
@@ -20,10 +20,13 @@ BROWSER = next(
 
 @pytest.fixture(scope="module")
 def selected_run(tmp_path_factory) -> Path:
-    """A tiny run whose reported round is chosen without labels (the information score)."""
-    run_dir = tmp_path_factory.mktemp("report") / "run"
-    select = ["eval.unlabelled_problems=4", "eval.unlabelled_k=3", "eval.select_by=unlabelled/information"]
-    run_cli(["train", *TINY, *select, f"run.dir={run_dir}"])
+    """A tiny run whose reported round is chosen without labels (the information score), on answers
+    that change from round to round (a letter task), so the score differs between rounds."""
+    folder = tmp_path_factory.mktemp("report")
+    run_dir = folder / "run"
+    select = ["eval.unlabelled_problems=6", "eval.unlabelled_k=4", "eval.select_by=unlabelled/information"]
+    sized = ["eval.n_problems=6", "eval.k_problems=6", "trainer.lr=0.05"]
+    run_cli(["train", *TINY, *letter_task(folder), *sized, *select, f"run.dir={run_dir}"])
     return run_dir
 
 
@@ -63,9 +66,20 @@ def test_answer_information_by_hand():
 
 
 def test_selection_without_labels(selected_run):
-    """The reported round is the evaluated one with the highest information; its metrics under selected/."""
+    """The reported round is the evaluated one with the highest information, recomputed here from
+    each round's unlabelled samples on disk (scores that differ between rounds, so a broken score or a
+    tie-break to round 0 fails); its metrics under selected/."""
+    import pyarrow.parquet as pq
+
     rounds = rounds_of(selected_run)
-    assert all("unlabelled/information" in r for r in rounds.values())
+    for number, record in rounds.items():
+        (folder,) = (selected_run / "rounds" / f"r{number:04d}" / "eval").glob("*/raw-unlabelled")
+        groups: dict[str, list] = {}
+        for row in pq.read_table(folder).to_pylist():
+            groups.setdefault(row["prompt_id"], []).append(row["answer"])
+        assert len(groups) == 6 and all(len(g) == 4 for g in groups.values())
+        assert record["unlabelled/information"] == pytest.approx(answer_information(groups)["information"])
+    assert len({r["unlabelled/information"] for r in rounds.values()}) > 1
     selected = json.loads((selected_run / "selected.json").read_text())
     best = max(rounds.values(), key=lambda r: (r["unlabelled/information"], -r["round"]))
     assert selected["selected/round"] == best["round"] and selected["selected/by"] == "unlabelled/information"

@@ -108,3 +108,17 @@ def test_mistakes_are_one_line(tmp_path, capsys):
         "sample: weights=ema but the run kept no EMA",
     )
     assert not list(tmp_path.glob("s.*"))
+
+
+def test_probe_backtracking_is_refused_in_one_line(tmp_path, capsys):
+    """`sample` fits no probe (that takes a training round's samples): backtracking with
+    verifier=probe would sample plainly, so it is refused before the model loads."""
+    out = tmp_path / "s.jsonl"
+    with pytest.raises(SystemExit) as exit_:
+        main([*TINY_MODEL, "sampler.backtrack.quota=2", "sampler.backtrack.verifier=probe", f"out={out}"])
+    err = capsys.readouterr().err.strip()
+    assert exit_.value.code == 2 and "\n" not in err
+    assert err.startswith(
+        "sample: sampler.backtrack.verifier=probe needs a probe fitted on a training round's samples"
+    )
+    assert "use sampler.backtrack.verifier=task" in err and not out.exists()

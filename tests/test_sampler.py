@@ -5,13 +5,16 @@ import pytest
 import torch
 from conftest import EosAs
 from omegaconf import OmegaConf
-from transformers import AutoModelForCausalLM, GenerationConfig, TopPLogitsWarper
+from transformers import AutoModelForCausalLM, GenerationConfig
 
 from selfimprove import models
 from selfimprove.config import ModelConfig
+from selfimprove.logprobs import scored_logprobs
+from selfimprove.objectives import PolicyGradient
 from selfimprove.sampling import HFSampler, neutral_generation_defaults, sequence_logprobs
-from selfimprove.sampling.decode import token_stats
+from selfimprove.sampling.decode import token_stats, warpers
 from selfimprove.tasks import ArithmeticTask
+from selfimprove.train import collate, micro_batch_loss
 
 
 @pytest.fixture(scope="module")
@@ -70,26 +73,26 @@ def completion_logits(model, prompt: list[int], completion: list[int]) -> torch.
 
 
 def assert_recorded_stats_match(
-    model, tok, temperature: float, max_new_tokens: int = 5, top_p: float = 1.0
+    model, tok, temperature: float, max_new_tokens: int = 5, **truncation: float
 ) -> None:
-    """Recorded log-probs equal a plain forward pass at the sampling temperature (and top-p: the
-    distribution that sampled, what an importance ratio divides by); self-certainty and entropy equal
-    the model's own distribution; at temperature 1 `sequence_logprobs` agrees. On any device."""
+    """Recorded log-probs equal a plain forward pass at the sampling temperature, before any truncation
+    (`truncation`: top_p, typical_p only choose which tokens can be drawn; the recorded π_old is the
+    tempered policy the update trains, so the importance ratio is 1 on-policy); self-certainty and
+    entropy equal the model's own distribution; at temperature 1 `sequence_logprobs` agrees."""
     sampler = HFSampler(tok)
     prompts = mixed_length_prompts(sampler)
     rows = sampler.generate(
-        model, prompts, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=1
+        model, prompts, max_new_tokens=max_new_tokens, temperature=temperature, seed=1, **truncation
     )
     for p, row in zip(prompts, rows):
         logits = completion_logits(model, p, row["completion_ids"])
         _, sc, ent = token_stats(logits)
-        sampled = TopPLogitsWarper(top_p)(None, logits / temperature) if top_p < 1 else logits / temperature
-        logp = torch.log_softmax(sampled, dim=-1)
+        logp = torch.log_softmax(logits / temperature, dim=-1)
         want_lp = logp.gather(1, torch.tensor(row["completion_ids"])[:, None])[:, 0]
         torch.testing.assert_close(torch.tensor(row["logprobs"]), want_lp, atol=2e-4, rtol=1e-4)
         torch.testing.assert_close(torch.tensor(row["self_certainty"]), sc, atol=2e-4, rtol=1e-4)
         torch.testing.assert_close(torch.tensor(row["entropy"]), ent, atol=2e-4, rtol=1e-4)
-    if temperature == 1.0 and top_p == 1.0:
+    if temperature == 1.0:
         again = sequence_logprobs(model, prompts, [r["completion_ids"] for r in rows], tok.pad_token_id)
         for got, row in zip(again, rows):
             torch.testing.assert_close(torch.tensor(got), torch.tensor(row["logprobs"]), atol=2e-4, rtol=1e-4)
@@ -101,8 +104,49 @@ def test_recorded_stats_match_a_forward_pass(request, model_name, temperature):
     assert_recorded_stats_match(*request.getfixturevalue(model_name), temperature)
 
 
-def test_recorded_logprobs_are_the_top_p_distribution_that_sampled(opinionated):
-    assert_recorded_stats_match(*opinionated, temperature=0.7, top_p=0.8)
+@pytest.mark.parametrize(
+    "truncation", [{"top_p": 0.8}, {"typical_p": 0.5}, {"top_p": 0.5, "temperature": 1.0}]
+)
+def test_recorded_logprobs_are_the_tempered_policy_before_truncation(opinionated, truncation):
+    assert_recorded_stats_match(*opinionated, **{"temperature": 0.7, **truncation})
+
+
+@pytest.mark.parametrize("compile", ["false", "static"])
+@pytest.mark.parametrize("truncation", [{"top_p": 0.5}, {"typical_p": 0.5}])
+def test_grpo_ratio_is_one_on_policy_when_sampling_truncates(tiny, compile, truncation):
+    """Issue 29: the first step on fresh samples is on-policy, so π (the update's own forward at the
+    objective's temperature, as train.py runs it) over the recorded π_old is 1 on every completion
+    token, though top-p / typical sampling drew them from a truncated distribution (whose log-probs
+    are higher by log kept-mass: ρ would be the kept mass, and below 1 − ε the clip would zero every
+    negative-advantage token's gradient)."""
+    model, tok = tiny
+    sampler = HFSampler(tok, compile=compile, batch_size=8)
+    prompts = [p for p in mixed_length_prompts(sampler) for _ in range(2)]
+    rows = sampler.generate(model, prompts, max_new_tokens=5, temperature=0.7, seed=1, **truncation)
+    for i, (p, row) in enumerate(zip(prompts, rows)):
+        row.update(prompt_ids=p, advantage=-1.0 if i % 2 else 1.0)
+    cut = warpers(temperature=0.7, **truncation)(
+        None, completion_logits(model, prompts[0], rows[0]["completion_ids"])
+    )
+    assert torch.isinf(cut).any(-1).all()  # the truncation removed tokens at every step
+    objective = PolicyGradient(temperature=0.7)
+    with torch.no_grad():
+        scored = scored_logprobs(
+            model,
+            [(r["prompt_ids"], r["completion_ids"]) for r in rows],
+            tok.pad_token_id,
+            objective.temperature,
+        )
+        batch = collate(rows, ("logprobs",))
+        ratio = torch.exp(scored.logps - batch["logprobs"])[batch["completion"]]
+        assert len(ratio) == sum(len(r["completion_ids"]) for r in rows)
+        torch.testing.assert_close(ratio, torch.ones_like(ratio), atol=1e-4, rtol=0)
+        _, metrics = micro_batch_loss(
+            model, rows, objective, objective.normalizer(rows), pad=tok.pad_token_id
+        )
+    assert metrics["pg/clip_frac"][0].item() == 0
+    total, count = metrics["pg/ratio"]
+    assert (total / count).item() == pytest.approx(1.0, abs=1e-4)
 
 
 @pytest.mark.parametrize("lora", [False, True])

@@ -1,4 +1,4 @@
-"""Adaptive sample budgets (Manvi et al. 2410.02725; METHODS §10): best-of-N accuracy against the
+"""Adaptive sample budgets (Manvi et al. 2410.02725): best-of-N accuracy against the
 average number of samples per prompt, adaptive vs fixed n, on held-out prompts of the default task
 with the embedded SmolLM2-135M-Instruct (`--tiny`: the random test model).
 

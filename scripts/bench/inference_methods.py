@@ -10,7 +10,7 @@ cost), keeping the last one. The learned verifier is a logistic probe on hidden 
 fitted on `--fit` training prompts × 8 plain samples labelled by the task's check
 (`backtrack.fit_probe`); blockwise, it judges a finished sequence by its last hidden state.
 
-Also METHODS §8's check on the uniform-bracket LM (the tiny random model's logits made uniform over
+Also Botta et al.'s check on the uniform-bracket LM (the tiny random model's logits made uniform over
 the four bracket tokens and EOS: only its KV cache matters there): Q = 0 reproduces plain sampling
 (the same tokens), Q = ∞ with B = 1 and no same-prefix guard gives only valid strings.
 

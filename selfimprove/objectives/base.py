@@ -10,7 +10,9 @@ An objective is `objective(logps, batch, normalizer) -> (loss, metrics)`.
 - `batch`: `scored` and `completion` ([B, W] bool masks), `tokens` [B, W], and the row columns the
   objective `reads` (required, checked at config time) or `optional`, under the row's own name: a
   per-token list column padded to [B, W] at its completion tokens, a per-row number stacked to [B]
-  (`train.collate`).
+  (`train.collate`). A sampled row's `logprobs` are the sampling policy's per-token log-probs at the
+  temperature it sampled with, before truncation (top_p / typical_p choose only which tokens can be
+  drawn): at the same `temperature` they are `logps` of the weights that sampled.
 - `normalizer`: what `normalizer(rows)` returned for the whole optimizer step's rows, computed once
   by the update, the same on every rank; the returned loss is this micro-batch's share of the step's
   mean, so micro-batching and the number of ranks never change the gradient.

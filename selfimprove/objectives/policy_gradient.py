@@ -35,8 +35,10 @@ def clipped_surrogate(
 class PolicyGradient(Objective):
     """Per completion token: clipped surrogate with the row's advantage, plus β·k3 KL to the reference
     (`kl_to`: the base's `ref_logprobs` or the EMA's `ema_logprobs`, attached by a reference stage).
-    π_old is the rows' recorded `logprobs` (the sampling distribution, after temperature); a batch
-    without them (real data) is on-policy, ρ = 1. Normalisation: GRPO "sequence", DAPO "token",
+    π_old is the rows' recorded `logprobs`: the sampling policy's per-token log-probs at the temperature
+    it sampled with, before top_p / typical_p truncation (`decode.policy_logprobs`), the same softmax
+    as π here when `temperature` is the sampler's, so ρ = 1 on fresh samples; a batch without them
+    (real data) is on-policy, ρ = 1. Normalisation: GRPO "sequence", DAPO "token",
     Dr. GRPO "constant". `first_turn_beta` (two-attempt rows) sets the KL coefficient of first
     attempts apart: SCoRe Stage I."""
 

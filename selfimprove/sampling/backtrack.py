@@ -1,4 +1,4 @@
-"""Tokenwise rejection sampling with backtracking (Botta et al. 2502.12123; METHODS §8).
+"""Tokenwise rejection sampling with backtracking (Botta et al. 2502.12123).
 
 Before each token a *process verifier* judges every row's prefix: can it still be completed to a
 valid answer? Where it says no (P(error) >= threshold) and the row has quota left, the row erases its
@@ -116,17 +116,24 @@ def prefix_hidden_states(
     return out
 
 
-def fit_round_probe(engine, samples: Path, layer: int, label: str = "correct") -> Probe | None:
+def fit_round_probe(
+    engine, samples: Path, layer: int, label: str = "correct", weights: str = "policy"
+) -> tuple[Probe | None, str]:
     """A probe fitted on a round's sampled rows (`samples`: its unit shards), every prefix of a row
-    labelled by whether the row ended wrong (`label` false); None where there are no rows yet (the
-    first round) or one class only."""
+    labelled by whether the row ended wrong (`label` false), read from the hidden states of `weights`
+    (the engine's name: the weights that will sample with it, policy or ema, so the probe reads the
+    states it was fitted on). Returns (probe, "") or (None, why not): no rows yet (the first round) or
+    one class only."""
     from selfimprove.checkpoint import read_table
 
     rows = [row for shard in sorted(samples.glob("unit-*.parquet")) for row in read_table(shard)]
     rows = [r for r in rows if r["completion_ids"]]
-    if not rows or len({bool(r[label]) for r in rows}) < 2:
-        return None
-    with engine.model_with("policy") as model:
+    if not rows:
+        return None, "no earlier round's samples to fit it on"
+    classes = {bool(r[label]) for r in rows}
+    if len(classes) < 2:
+        return None, f"the last round's {len(rows)} samples all have {label}={classes.pop()}, one class only"
+    with engine.model_with(weights) as model:
         states = prefix_hidden_states(
             model,
             [list(r["prompt_ids"]) for r in rows],
@@ -135,7 +142,7 @@ def fit_round_probe(engine, samples: Path, layer: int, label: str = "correct") -
             layer,
         )
     error = torch.cat([torch.full((len(s),), float(not r[label])) for s, r in zip(states, rows)])
-    return fit_probe(torch.cat(states), error, layer)
+    return fit_probe(torch.cat(states), error, layer), ""
 
 
 class Backtracker:
@@ -235,7 +242,7 @@ class Backtracker:
 
 
 class UniformBrackets(torch.nn.Module):
-    """METHODS §8's check model: `model`'s forward (its KV cache, positions and masks) with the logits
+    """Botta et al.'s uniform-bracket check model: `model`'s forward (its KV cache, positions and masks) with the logits
     made uniform over the four space-led bracket tokens and EOS, so Q = 0 shows plain sampling's error
     rate on `task=dyck` and Q = ∞ with B = 1 must give only valid strings."""
 

@@ -5,8 +5,9 @@ temperature, top-p, typical), softmax, multinomial (argmax when greedy), stop at
 differences that matter on a CPU, where each forward costs in proportion to its rows × tokens: the
 first token is sampled from the prefill's logits (one per distinct prompt when prompts are shared, not
 one forward per row), a row that has sampled EOS leaves the batch (its cache rows dropped), and each
-step's statistics are recorded in the same pass: the log-prob of the sampled token under the
-distribution that sampled it, the model's own self-certainty and entropy (`token_stats` of the
+step's statistics are recorded in the same pass: the log-prob of the sampled token under the policy
+at the temperature it sampled with, before truncation (`policy_logprobs`: what the update's π is, so
+an importance ratio is 1 on-policy), the model's own self-certainty and entropy (`token_stats` of the
 unwarped logits).
 
 With a `backtrack.Backtracker` it also erases: before each token a process verifier judges each row's
@@ -36,6 +37,8 @@ WARPERS = {
     "top_p": (TopPLogitsWarper, 1.0),
     "typical_p": (TypicalLogitsWarper, 1.0),
 }
+# The warpers that reshape the policy (the update trains at the same temperature); the others truncate.
+TEMPERING = (TemperatureLogitsWarper,)
 
 
 def check_warper_options(options: dict, where: str = "sampler") -> None:
@@ -86,6 +89,26 @@ def sampling_logprobs(
     return torch.log_softmax(warp(None, scores.float()), dim=-1)
 
 
+def policy_logprobs(
+    scores: torch.Tensor,
+    model_logprobs: torch.Tensor,
+    warp: LogitsProcessorList,
+    sampling: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Log-probs of the policy that samples, as rows record them (`logprobs`): the logits at the
+    sampling temperature, before truncation. top_p / typical_p only choose which tokens can be drawn;
+    the update's π is the tempered softmax over the whole vocabulary (`Objective.temperature`), so
+    π_old must be too: the truncated distribution's log-probs are higher by log(kept mass), which
+    made the on-policy ratio the kept mass (issue 29). `sampling`: `sampling_logprobs`' result,
+    reused when nothing truncates."""
+    tempering = LogitsProcessorList(w for w in warp if isinstance(w, TEMPERING))
+    if not tempering:
+        return model_logprobs
+    if sampling is not None and len(tempering) == len(warp):  # nothing truncates: the same softmax
+        return sampling
+    return torch.log_softmax(tempering(None, scores.float()), dim=-1)
+
+
 @torch.no_grad()
 def sample(
     model,
@@ -100,9 +123,9 @@ def sample(
     backtrack=None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Sampled tokens [rows, max_new_tokens] (`pad` after a row's EOS) and, if record, each of
-    `STATS` as [rows, max_new_tokens] fp32 on the CPU (0 after a row's EOS). Seeded by torch's global
-    generator, like generate. `backtrack`: a `backtrack.Backtracker` (its per-row counts are on it
-    after the call)."""
+    `STATS` as [rows, max_new_tokens] fp32 on the CPU (0 after a row's EOS; `logprobs` are
+    `policy_logprobs`'). Seeded by torch's global generator, like generate. `backtrack`: a
+    `backtrack.Backtracker` (its per-row counts are on it after the call)."""
     logits = prefilled.logits
     device = logits.device
     rows = logits.shape[0]
@@ -133,11 +156,13 @@ def sample(
         if record or not greedy:  # greedy evaluation needs only the argmax
             model_logprobs, certainty, entropy = token_stats(scores)
             logprobs = sampling_logprobs(scores, model_logprobs, warp)
+        if record:
+            recorded = policy_logprobs(scores, model_logprobs, warp, logprobs)
         chosen = scores.argmax(-1) if greedy else torch.multinomial(logprobs.exp(), num_samples=1)[:, 0]
         rows_now, at = active[sampling], length[active[sampling]]
         tokens[rows_now, at] = chosen
         if record:
-            stats["logprobs"][rows_now, at] = logprobs.gather(1, chosen[:, None])[:, 0]
+            stats["logprobs"][rows_now, at] = recorded.gather(1, chosen[:, None])[:, 0]
             stats["self_certainty"][rows_now, at] = certainty
             stats["entropy"][rows_now, at] = entropy
         length[rows_now] += 1

@@ -38,8 +38,9 @@ class StatsRecorder(LogitsProcessor):
     The sampler builds a GenerationConfig with no processors or warpers of its own (and keeps the
     model's saved generation defaults out: `neutral_generation_defaults`), so what this sees is the
     model's own distribution: self-certainty and entropy are the model's. The recorded log-probs are
-    those of the distribution that *sampled* (after `warp`), since that is what an importance ratio
-    divides by (the PPO/GRPO ratio π/π_old). The sampled token's log-prob is only known at the next
+    the policy's at the sampling temperature, before top-p / typical truncation
+    (`decode.policy_logprobs`, as the eager loop records them): what the update's π is, so the
+    PPO/GRPO ratio π/π_old is 1 on-policy. The sampled token's log-prob is only known at the next
     step (or after generate returns, for the last one), so one step's log-probs are kept: memory
     O(batch × vocab).
     """
@@ -62,7 +63,7 @@ class StatsRecorder(LogitsProcessor):
         if self.self_certainty:  # from the second step on, the last token was sampled by us
             self._take(input_ids[:, -1])
         model_logprobs, sc, ent = token_stats(scores)
-        self._prev = torch.log_softmax(warped.float(), dim=-1) if self.warp else model_logprobs
+        self._prev = decode.policy_logprobs(scores, model_logprobs, self.warp)
         self.self_certainty.append(sc)
         self.entropy.append(ent)
         return warped
@@ -168,7 +169,8 @@ class HFSampler:
         """One completion per prompt (repeat a prompt to get several). `sampling`: the options of
         `decode.WARPERS` (temperature, top_p, typical_p). Returns one dict per prompt: completion_ids,
         completion text, `truncated` (no EOS within max_new_tokens), and (if record) per-token logprobs
-        (of the sampling distribution, after the warpers), self_certainty and entropy (of the model's);
+        (of the policy at the sampling temperature, before top_p / typical_p truncation: what the
+        update compares with), self_certainty and entropy (of the model's);
         with `backtrack` (the eager loop), its per-row counts (backtracks, query_cost, quota_spent).
         """
         limit = getattr(model.config, "max_position_embeddings", None)

@@ -41,6 +41,13 @@ def check_sampling_values(cfg) -> None:
             )
         if top_p is not None and not 0.0 < float(top_p) <= 1.0:
             raise ConfigError(f"{path}.top_p={top_p}: sampler.backend=vllm needs 0 < top_p <= 1")
+        if path == "sampler" and top_p is not None and float(top_p) < 1.0:
+            # the rows' logprobs are π_old: vLLM gives the nucleus's, not the tempered policy's
+            raise ConfigError(
+                f"sampler.top_p={top_p}: sampler.backend=vllm records the truncated distribution's log-probs "
+                "(no tempered-but-untruncated mode), so an update's importance ratio would start at the kept "
+                "mass, not 1: use sampler.top_p=1 or sampler=hf"
+            )
 
 
 def check_backend(backend: str) -> None:

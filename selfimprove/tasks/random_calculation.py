@@ -1,4 +1,4 @@
-"""RandomCalculation as a reasoning task (Wu et al. 2507.10532, §4.3 and App. B; METHODS §9): a LaTeX
+"""RandomCalculation as a reasoning task (Wu et al. 2507.10532, §4.3 and App. B): a LaTeX
 expression to evaluate step by step, the final value in ``\\boxed{}``, no prefill.
 
 Atoms are integers 0-99, ``\\frac{i}{d}`` (d = 2..9) and ``i^{2}``, ``i^{3}``, one kind in four each

@@ -36,6 +36,7 @@ class ReferenceLogprobs(Stage):
         self.name = f"reference_{weights}"
         self.writes = (COLUMN[weights],)
         self.needs_reference = weights == "base"
+        self.uses_ema = weights == "ema"
 
     def __call__(self, rows: list[dict], ctx: Context) -> list[dict]:
         return attach_logprobs(rows, ctx, self.weights)

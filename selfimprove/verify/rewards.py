@@ -110,6 +110,7 @@ class EMATeacher(Scorer):
 
     name = "ema_teacher"
     reads = ("prompt_id", "prompt_ids", "answer")
+    uses_ema = True  # the teacher samples from the "ema" weights
 
     def __init__(self, n: int = 8, temperature: float = 1.0, max_new_tokens: int = 6) -> None:
         if n < 1:
