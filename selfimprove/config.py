@@ -23,6 +23,7 @@ from omegaconf import II, DictConfig, OmegaConf
 # `from selfimprove.config import ConfigError` keeps working
 from selfimprove.errors import ConfigError
 from selfimprove.parts import Plan, build_node, build_parts, build_rollout
+from selfimprove.rollout import check_views
 from selfimprove.schedule import SCHEDULED, ScheduleEntry, schedule, scheduled  # noqa: F401 (also here)
 
 
@@ -166,12 +167,13 @@ class EvalConfig:
     # Model selection: the evaluated round with the best `select_by` is the one reported (selected/*).
     # dev/accuracy: greedy accuracy on dev_problems labelled problems (a recipe using it uses labels);
     # unlabelled/information: the prompt-answer mutual information of unlabelled_k samples on each of
-    # unlabelled_problems prompts (no labels). Both sets come from the task's training stream, far past
+    # unlabelled_problems prompts (no labels); unlabelled/view_agreement (rollout=views): how often the
+    # majority answers of a prompt's forms agree, unlabelled_k samples each. Both sets come from the task's training stream, far past
     # any run's rounds, so none is a reported problem.
     dev_problems: int = 0
     unlabelled_problems: int = 0
     unlabelled_k: int = 4
-    select_by: str | None = None  # None | dev/accuracy | unlabelled/information
+    select_by: str | None = None  # None | dev/accuracy | unlabelled/information | unlabelled/view_agreement
 
 
 @dataclass
@@ -305,12 +307,17 @@ def validate_targets(cfg: DictConfig) -> Plan:
             f"eval.every: {cfg.eval.every} (evaluate every N >= 1 rounds; eval.before=false skips round 0)"
         )
     needs = {"dev/accuracy": "dev_problems", "unlabelled/information": "unlabelled_problems"}
+    needs["unlabelled/view_agreement"] = "unlabelled_problems"  # with rollout=views (check_views)
     if cfg.eval.select_by is not None and cfg.eval.select_by not in needs:
         raise ConfigError(f"eval.select_by: {cfg.eval.select_by!r} is not null|{'|'.join(needs)}")
     if cfg.eval.select_by and cfg.eval[needs[cfg.eval.select_by]] <= 0:
         raise ConfigError(
             f"eval.select_by={cfg.eval.select_by} reads eval.{needs[cfg.eval.select_by]}, which is 0"
         )
+    try:
+        check_views(plan.rollout, cfg.sampler.n, cfg.eval.select_by)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
     if cfg.ema.sample_from not in ("raw", "ema"):
         raise ConfigError(f"ema.sample_from: {cfg.ema.sample_from!r} is not raw|ema")
     for which in cfg.ema.evaluate:
