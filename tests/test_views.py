@@ -127,6 +127,25 @@ def test_data_views_field(tmp_path, capsys):
     assert JsonlTask(_jsonl(tmp_path, rows)).max_views == 0  # no views_field: no views
 
 
+def test_hf_dataset_views_field(tmp_path):
+    from selfimprove.tasks import HFDatasetTask
+
+    rows = [{"question": f"What is {i} + 2?", "answer": str(i + 2)} for i in range(10)]
+    rows[4]["views"] = ["Add 2 to 4."]
+    path = _jsonl(tmp_path, rows)
+    task = HFDatasetTask(path, views_field="views", heldout_fraction=0.0, cache_dir=str(tmp_path / "cache"))
+    problem = next(
+        p for p in map(task.train_problem, range(10)) if p.messages[0]["content"] == "What is 4 + 2?"
+    )
+    assert (
+        task.max_views == 1
+        and task.views(problem, 1, random.Random(0))[0].messages[0]["content"] == "Add 2 to 4."
+    )
+    rows[5]["views"] = [""]  # an empty rephrasing (a column of mixed types is refused by `datasets` itself)
+    with pytest.raises(ValueError, match=r"data.jsonl:train row 5: field 'views' must be a list"):
+        HFDatasetTask(_jsonl(tmp_path, rows), views_field="views", cache_dir=str(tmp_path / "cache"))
+
+
 # --- the rollout ----------------------------------------------------------------------------------
 
 
