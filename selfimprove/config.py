@@ -23,7 +23,10 @@ from omegaconf import II, DictConfig, OmegaConf
 # `from selfimprove.config import ConfigError` keeps working
 from selfimprove.errors import ConfigError
 from selfimprove.parts import Plan, build_node, build_parts, build_rollout
+from selfimprove.rollout import check_views
 from selfimprove.schedule import SCHEDULED, ScheduleEntry, schedule, scheduled  # noqa: F401 (also here)
+
+UNLABELLED = ("unlabelled/information", "unlabelled/view_agreement")  # label-free model selection
 
 
 @dataclass
@@ -166,13 +169,13 @@ class EvalConfig:
     # Model selection: the evaluated round with the best `select_by` is the one reported (selected/*).
     # dev/accuracy: greedy accuracy on dev_problems labelled problems (a recipe using it uses labels);
     # unlabelled/information: the prompt-answer mutual information of unlabelled_k samples on each of
-    # unlabelled_problems prompts (no labels). Both sets are training problems, not held out: drawn from
-    # the task's training stream far past any run's rounds, so none is a reported (held-out) problem,
-    # but on a small problem space they are problems the run trains on (the default task: about half).
+    # unlabelled_problems prompts (no labels); unlabelled/view_agreement (rollout=views): how often a
+    # prompt's forms' majority answers agree. Both sets are training problems far past any run's rounds,
+    # not held out: a small task trains on many of them (the default task: about half).
     dev_problems: int = 0
     unlabelled_problems: int = 0
     unlabelled_k: int = 4
-    select_by: str | None = None  # None | dev/accuracy | unlabelled/information
+    select_by: str | None = None  # None | dev/accuracy | one of UNLABELLED (view_agreement: rollout=views)
 
 
 @dataclass
@@ -305,13 +308,17 @@ def validate_targets(cfg: DictConfig) -> Plan:
         raise ConfigError(
             f"eval.every: {cfg.eval.every} (evaluate every N >= 1 rounds; eval.before=false skips round 0)"
         )
-    needs = {"dev/accuracy": "dev_problems", "unlabelled/information": "unlabelled_problems"}
+    needs = {"dev/accuracy": "dev_problems"} | dict.fromkeys(UNLABELLED, "unlabelled_problems")
     if cfg.eval.select_by is not None and cfg.eval.select_by not in needs:
         raise ConfigError(f"eval.select_by: {cfg.eval.select_by!r} is not null|{'|'.join(needs)}")
     if cfg.eval.select_by and cfg.eval[needs[cfg.eval.select_by]] <= 0:
         raise ConfigError(
             f"eval.select_by={cfg.eval.select_by} reads eval.{needs[cfg.eval.select_by]}, which is 0"
         )
+    try:
+        check_views(plan.rollout, cfg.sampler.n, cfg.eval.select_by)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
     if cfg.ema.sample_from not in ("raw", "ema"):
         raise ConfigError(f"ema.sample_from: {cfg.ema.sample_from!r} is not raw|ema")
     for which in cfg.ema.evaluate:
@@ -363,16 +370,12 @@ def check_trainable(cfg: DictConfig) -> None:
             "model.dtype=float16 cannot train here (fp16 gradients need a loss scaler): use bfloat16, which "
             "trains with fp32 master weights, or float32"
         )
-    share, attention = str(cfg.trainer.share_prefix).lower(), cfg.model.attn_implementation
-    if share not in ("auto", "true", "false"):
-        raise ConfigError(f"trainer.share_prefix: {cfg.trainer.share_prefix!r} is not auto|true|false")
-    from selfimprove.logprobs import TREE_ATTENTION  # late: it imports torch
+    from selfimprove.logprobs import check_share_prefix  # late: it imports torch
 
-    if share == "true" and attention is not None and attention not in TREE_ATTENTION:
-        raise ConfigError(  # null: transformers picks sdpa or eager, which take it
-            f"trainer.share_prefix=true packs rows with a 4-D attention mask, which model.attn_implementation="
-            f"{attention} cannot take: use {' or '.join(TREE_ATTENTION)}, or trainer.share_prefix=auto"
-        )
+    try:
+        check_share_prefix(str(cfg.trainer.share_prefix).lower(), cfg.model.attn_implementation)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
 
 
 def build_plan(cfg: DictConfig, entries: list[ScheduleEntry] | None = None) -> Plan:

@@ -18,10 +18,10 @@ from omegaconf import DictConfig, OmegaConf
 from selfimprove import distributed as dist
 from selfimprove import phases
 from selfimprove.ema import engine_weights
-from selfimprove.metrics import answer_information, eval_summary, final_turn
+from selfimprove.metrics import answer_information, eval_summary, final_turn, view_agreement
 from selfimprove.parts import build_rollout
 from selfimprove.repetition import perplexity, text_metrics
-from selfimprove.rollout import OneTurn
+from selfimprove.rollout import OneTurn, Views
 from selfimprove.stages import Context
 
 # model-selection problems: the task's training stream far past where a run's rounds read (< 10**9 + rounds)
@@ -60,17 +60,25 @@ def evaluate(
     out: dict = {}
     problems = task.eval_problems(cfg.eval.n_problems)
     folder = folder / eval_key(cfg)
-    rollout = (
-        rollout
-        or build_rollout(OmegaConf.to_container(cfg.rollout, resolve=True) if cfg.get("rollout") else None)
-    ).for_evaluation()
+    run_rollout = rollout or build_rollout(
+        OmegaConf.to_container(cfg.rollout, resolve=True) if cfg.get("rollout") else None
+    )
 
-    def draw(name: str, problems: list, n: int, gen: dict, seed_of_unit: Callable[[int], int], desc: str):
-        """n rollouts per problem into folder/name, unit by unit (the loop's own sampling code)."""
+    def draw(
+        name: str,
+        problems: list,
+        n: int,
+        gen: dict,
+        seed_of_unit: Callable[[int], int],
+        desc: str,
+        rollout: OneTurn | None = None,
+    ):
+        """n rollouts per problem into folder/name, unit by unit (the loop's own sampling code), with
+        the rollout evaluation runs unless told."""
         return phases.sample_units(
             folder / name,
             problems,
-            rollout,
+            rollout or run_rollout.for_evaluation(),
             n,
             gen,
             context_of_unit=lambda u: Context(engine, task, seed_of_unit(u), cfg.eval.batch_size),
@@ -123,13 +131,36 @@ def evaluate(
             temperature=cfg.eval.temperature,
         )
         seed_of_unit = lambda u: dist.derive_seed(cfg.seed, "unlabelled", u)  # noqa: E731
-        sampled = draw("raw-unlabelled", prompts, cfg.eval.unlabelled_k, gen, seed_of_unit, "eval unlabelled")
+        # a views run asks every form unlabelled_k times (the views rollout splits n across the forms)
+        forms = 1 + run_rollout.views if isinstance(run_rollout, Views) else 1
+        sampled = draw(
+            "raw-unlabelled",
+            prompts,
+            cfg.eval.unlabelled_k * forms,
+            gen,
+            seed_of_unit,
+            "eval unlabelled",
+            run_rollout if forms > 1 else None,
+        )
         if sampled is None:
             return None
-        groups: dict[str, list] = {}
-        for row in final_turn(sampled):  # answers only: the rows' `correct` is never read
+        out.update(unlabelled_summary(final_turn(sampled)))
+    return out
+
+
+def unlabelled_summary(rows: list[dict]) -> dict[str, float | None]:
+    """unlabelled/*: the prompt-answer information of the original forms' answers, and where rows carry
+    `view`, the agreement of a prompt's forms (answers only: the rows' `correct` is never read)."""
+    groups: dict[str, list] = {}
+    forms: dict[str, dict[int, list]] = {}
+    for row in rows:
+        view = row.get("view", 0)
+        if view == 0:
             groups.setdefault(row["prompt_id"], []).append(row["answer"])
-        out.update({f"unlabelled/{k}": v for k, v in answer_information(groups).items()})
+        forms.setdefault(row["prompt_id"], {}).setdefault(view, []).append(row["answer"])
+    out = {f"unlabelled/{k}": v for k, v in answer_information(groups).items()}
+    if any("view" in row for row in rows):
+        out["unlabelled/view_agreement"] = view_agreement(forms)
     return out
 
 

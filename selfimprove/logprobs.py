@@ -202,6 +202,18 @@ def tree_is_cheaper(trie: Trie, rows: list[tuple[list[int], list[int]]], hidden_
     return tree < padded
 
 
+def check_share_prefix(share: str, attention: str | None) -> None:
+    """`trainer.share_prefix` against `model.attn_implementation` (None: transformers picks sdpa or
+    eager, which take the mask); a ValueError naming both keys."""
+    if share not in SHARE:
+        raise ValueError(f"trainer.share_prefix: {share!r} is not one of {'|'.join(SHARE)}")
+    if share == "true" and attention is not None and attention not in TREE_ATTENTION:
+        raise ValueError(
+            f"trainer.share_prefix=true packs rows with a 4-D attention mask, which model.attn_implementation="
+            f"{attention} cannot take: use {' or '.join(TREE_ATTENTION)}, or trainer.share_prefix=auto"
+        )
+
+
 def scored_logprobs(
     model,
     rows: list[tuple[list[int], list[int]]],
@@ -212,8 +224,7 @@ def scored_logprobs(
     scope: str = "completion",
 ) -> Scored:
     """Log-probs of the scored tokens of (prompt, completion) rows by the path `share` picks."""
-    if share not in SHARE:
-        raise ValueError(f"trainer.share_prefix: {share!r} is not one of {'|'.join(SHARE)}")
+    check_share_prefix(share, None)
     if share == "false" or (share == "auto" and not tree_supported(model)):
         return per_row_logprobs(model, rows, pad, temperature, scope)
     trie = Trie.of(_layout(rows, scope)[0])

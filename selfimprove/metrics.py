@@ -204,6 +204,24 @@ def answer_information(groups: dict[str, Sequence[Hashable | None]]) -> dict[str
     }
 
 
+def view_agreement(forms: dict[str, dict[int, Sequence[Hashable | None]]]) -> float | None:
+    """Label-free: over prompts asked in several forms (prompt -> view -> answers; view 0 the original),
+    the mean share of a prompt's other forms whose majority answer is the original form's (none when
+    the original has no answer). A wrong rule that depends on how the problem is written scores low
+    however consistent it is within a form. None when no prompt has two forms."""
+    shares = []
+    for by_view in forms.values():
+        if 0 not in by_view or len(by_view) < 2:
+            continue
+        original = majority_answer(by_view[0])
+        others = [v for v in by_view if v != 0]
+        shares.append(
+            sum(original is not None and majority_answer(by_view[v]) == original for v in others)
+            / len(others)
+        )
+    return sum(shares) / len(shares) if shares else None
+
+
 def select_round(records: list[dict], key: str) -> dict:
     """The evaluated round with the best `key` (ties: the earliest), with its metrics under selected/:
     what a run that selects its model by `key` reports."""

@@ -6,6 +6,11 @@ instruction (which never says whether the answer was right) and a second answer.
 `turn`; a second attempt's row also carries its first attempt (`first_completion`, `first_answer`,
 `first_reward`, `first_correct`), so a table holds whole episodes, turn 1 then turn 2 per sample.
 Their metrics (`metrics.self_correction`) are computed wherever such rows are summarised.
+Views (Co-rewarding 2508.00410, Self-Harmony 2511.01191): each problem asked in its original form and `views` other forms the task makes
+(`Task.views`), in one unit; rows carry `view` (0: the original).
+
+`for_evaluation()` is the rollout evaluation runs: the same, or one turn where a rollout only changes
+how training samples are spent (adaptive budgets, views: evaluation asks the original forms).
 """
 
 from __future__ import annotations
@@ -191,3 +196,65 @@ class TwoAttempts(OneTurn):
             first.update(turn=1, **dict.fromkeys(FIRST_ATTEMPT))  # same columns in every row (Parquet)
             rows += [first, second]
         return rows
+
+
+class Views(OneTurn):
+    """Each problem asked in its original form and `views` other forms the task makes (`Task.views`:
+    the same right answer, made without reading it), in one generate call. The n samples of a problem
+    are split across its forms, sample j asking form j mod (1 + V) (n = 8, V = 1: four each), so a views
+    run spends what a one-turn run does; a problem with fewer views (a data row without rephrasings)
+    spreads them over the forms it has. Every form keeps the problem's `prompt_id` (a group is the
+    problem, all its forms); rows carry `view` (0: the original, 1..V: the task's views in its order).
+    Evaluation asks the original forms only (`for_evaluation`)."""
+
+    writes = ("view",)
+
+    def __init__(self, views: int = 1) -> None:
+        if isinstance(views, bool) or views < 1:
+            raise ValueError(f"views must be >= 1, got {views!r}")
+        self.views = views
+
+    def check(self, task) -> None:
+        name = type(task).__name__
+        if task.max_views == 0:
+            raise ValueError(f"views={self.views}: task {name} makes no views of its problems")
+        if self.views > task.max_views:
+            raise ValueError(
+                f"views={self.views}: task {name} makes at most {task.max_views} views of a problem"
+            )
+
+    def check_samples(self, n: int) -> None:
+        if n < 1 + self.views:
+            raise ValueError(
+                f"sampler.n={n} cannot give each of a problem's {1 + self.views} forms (rollout.views="
+                f"{self.views}, plus the original) a sample: use sampler.n >= {1 + self.views}"
+            )
+
+    def for_evaluation(self) -> OneTurn:
+        return OneTurn()
+
+    def __call__(self, ctx: Context, problems: Sequence[Problem], n: int, gen: dict) -> list[dict]:
+        self.check_samples(n)
+        asked: list[tuple[Problem, list[int], int]] = []  # (form, its prompt, view), one per sample
+        for problem in problems:
+            forms = [problem, *ctx.task.views(problem, self.views, ctx.rng("views", problem.id))]
+            prompts = [ctx.encode(form) for form in forms]
+            asked += [(forms[j % len(forms)], prompts[j % len(forms)], j % len(forms)) for j in range(n)]
+        gen = with_backtracker(ctx, gen, [form for form, _, _ in asked])
+        outs = ctx.generate([prompt for _, prompt, _ in asked], seed=ctx.seed, **gen)
+        return [
+            {**attempt_row(ctx.task, form, prompt, j % n, out), "view": view}
+            for j, ((form, prompt, view), out) in enumerate(zip(asked, outs))
+        ]
+
+
+def check_views(rollout: OneTurn, n: int, select_by: str | None) -> None:
+    """What views ask of the rest of a config (a ValueError naming the keys): a sample per form, and
+    model selection by view agreement only where there are views."""
+    if isinstance(rollout, Views):
+        rollout.check_samples(n)
+    elif select_by == "unlabelled/view_agreement":
+        raise ValueError(
+            "eval.select_by=unlabelled/view_agreement compares the answers of a prompt's forms: it needs "
+            "rollout=views"
+        )

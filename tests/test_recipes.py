@@ -38,6 +38,7 @@ SMALL = [
 EXTRA = {
     "label_free_dev50": ["eval.dev_problems=2"],  # its 50 dev problems, cut like eval.n_problems
     "label_free": ["eval.unlabelled_problems=2"],  # its 64 unlabelled prompts, cut the same way
+    "label_free_views": ["eval.unlabelled_problems=2"],
     "math_label_free": ["eval.unlabelled_problems=2"],
 }
 

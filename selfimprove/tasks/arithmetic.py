@@ -19,6 +19,7 @@ from selfimprove.tasks.base import (
     is_heldout,
     numeric_reward,
 )
+from selfimprove.tasks.views import commuted, expression_forms, first_distinct, render, simple_forms
 
 # A RandomCalculation tree: an int atom, or (op, left, right) with op in "+-*/^".
 Expr = int | tuple[str, "Expr", "Expr"]
@@ -193,6 +194,9 @@ class ArithmeticTask(Task):
                     f"or 'depthK' with K in 1..{MAX_DEPTH}"
                 )
             self.depth = int(match.group(1))
+        # views (tasks/views.py): commuted, two shifted splits and two wordings of "a + b" / "a * b";
+        # the commuted form (where there is one) and three wordings of a longer expression
+        self.max_views = 3 if self.depth else 4
 
     def _operands(self) -> tuple[range, range, str]:
         if self.level == "add_2d_1d":
@@ -267,6 +271,34 @@ class ArithmeticTask(Task):
 
     def has_references(self) -> bool:
         return True
+
+    def expression(self, problem: Problem) -> str:
+        """The expression a problem of this task asks about, read back from its question through the
+        template (a Problem carries no expression of its own); ValueError for another question."""
+        pre, _, post = self.template.partition("{expr}")
+        content = problem.messages[-1]["content"]
+        expr = content[len(pre) : len(content) - len(post)]
+        if self.template.replace("{expr}", expr) != content:
+            raise ValueError(
+                f"problem {problem.id}: {content!r} is not asked with template {self.template!r}"
+            )
+        return expr
+
+    def commuted(self, expr: str) -> str | None:
+        """``expr`` with its terms (or a term's factors) in another order; None when none."""
+        out = commuted(_tokenize(expr), ("+", "-"), ("*", "/"), frozenset("+-*/^"))
+        return None if out is None else render(out)
+
+    def views(self, problem: Problem, k: int, rng: random.Random) -> list[Problem]:
+        """Up to ``k`` forms of the problem (see `max_views` in __init__), each with the prefill
+        "{form} = " where the task prefills (a wording keeps the original equation)."""
+        expr = self.expression(problem)
+        forms = simple_forms(expr, rng) if not self.depth else expression_forms(expr, self.commuted(expr))
+        asked = [
+            (question or self.template.replace("{expr}", form), f"{form} = " if self.prefill else "")
+            for question, form in forms
+        ]
+        return first_distinct(problem, asked, k)
 
     def extract_answer(self, completion: str) -> str | None:
         """First number (or a/b fraction) in the completion. Without a prefill the model may

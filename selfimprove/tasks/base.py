@@ -7,8 +7,10 @@ so partial-credit rewards (e.g. RandomCalculation's numeric reward) never count 
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import math
+import random
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from decimal import ROUND_HALF_UP, Decimal, localcontext
@@ -33,7 +35,13 @@ class Problem:
 
 
 class Task(ABC):
-    """Base class for tasks: an infinite training stream plus a disjoint held-out set."""
+    """Base class for tasks: an infinite training stream plus a disjoint held-out set.
+
+    Capabilities are declared here, not probed: ``max_views`` is how many views (equivalent forms of a
+    problem, the same right answer) :meth:`views` can make; 0 means none, and a views rollout refuses
+    the task at config time."""
+
+    max_views: int = 0
 
     @abstractmethod
     def train_problem(self, index: int) -> Problem:
@@ -64,6 +72,22 @@ class Task(ABC):
     def is_correct(self, completion: str, problem: Problem) -> bool:
         """True when the reward reaches 1 (up to float tolerance)."""
         return self.reward(completion, problem) >= CORRECT_THRESHOLD
+
+    def views(self, problem: Problem, k: int, rng: random.Random) -> list[Problem]:
+        """Up to ``k`` (<= ``max_views``) other forms of ``problem`` whose right answer is the same, made
+        from the question alone (never from ``problem.answer``, which a view only carries along for the
+        grader); fewer where a problem has fewer (a data row without rephrasings). A view keeps the
+        problem's id: it is the same problem asked another way. ValueError for a task without views."""
+        raise ValueError(f"task {type(self).__name__} makes no views of its problems")
+
+
+def view_of(problem: Problem, question: str, prefill: str) -> Problem:
+    """``problem`` asked as ``question`` (the last user turn's new text) with ``prefill``; no reference
+    completion (a view's would have to be written from the answer)."""
+    messages = [dict(m) for m in problem.messages]
+    last_user = max(i for i, m in enumerate(messages) if m["role"] == "user")
+    messages[last_user]["content"] = question
+    return dataclasses.replace(problem, messages=messages, prefill=prefill, reference=None)
 
 
 def is_correct(task: Task, completion: str, problem: Problem) -> bool:

@@ -22,6 +22,7 @@ from selfimprove.tasks.rows import (
     check_exists,
     distinct,
     field_text,
+    field_views,
     hash_origin,
     hash_split,
     text_lines,
@@ -148,6 +149,7 @@ class HFDatasetTask(RowsTask):
         reference_field: str | None = None,
         grader: str = "regex",
         cache_dir: str | None = None,
+        views_field: str | None = None,
     ) -> None:
         super().__init__(
             str(path),
@@ -157,6 +159,7 @@ class HFDatasetTask(RowsTask):
             answer_match=answer_match,
             reference_field=reference_field,
             grader=grader,
+            views_field=views_field,
         )
         self.path = self.source
         self.heldout_fraction = check_heldout_fraction(heldout_fraction)
@@ -188,6 +191,8 @@ class HFDatasetTask(RowsTask):
         for name in needed:
             if name not in dataset.column_names:
                 raise ValueError(f"{where}: missing field {name!r} (columns: {dataset.column_names})")
+        if self.views_field in dataset.column_names:  # optional: a row without one has no views
+            needed.append(self.views_field)
         if len(dataset) == 0:
             raise ValueError(f"{where}: no rows")
         try:
@@ -206,5 +211,6 @@ class HFDatasetTask(RowsTask):
             answer = field_text(record, answer_field, location).strip()
             prefill = field_text(record, prefill_field, location) if prefill_field else ""
             reference = field_text(record, reference_field, location) if reference_field else None
-            rows.append(Row(messages[-1]["content"], messages, prefill, answer, reference, location))
+            views = field_views(record, self.views_field, location) if self.views_field in record else None
+            rows.append(Row(messages[-1]["content"], messages, prefill, answer, reference, location, views))
         return rows

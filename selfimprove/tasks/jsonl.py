@@ -16,6 +16,7 @@ from selfimprove.tasks.rows import (
     RowsTask,
     check_exists,
     field_text,
+    field_views,
     hash_origin,
     hash_split,
     jsonl_records,
@@ -67,6 +68,7 @@ class JsonlTask(RowsTask):
         answer_match: str = "first",
         reference_field: str | None = None,
         grader: str = "regex",
+        views_field: str | None = None,
     ) -> None:
         super().__init__(
             str(path),
@@ -76,6 +78,7 @@ class JsonlTask(RowsTask):
             answer_match=answer_match,
             reference_field=reference_field,
             grader=grader,
+            views_field=views_field,
         )
         self.path = self.source
         self.heldout_fraction = check_heldout_fraction(heldout_fraction)
@@ -87,9 +90,9 @@ class JsonlTask(RowsTask):
             answer = field_text(record, answer_field, location).strip()
             prefill = field_text(record, prefill_field, location) if prefill_field else ""
             reference = field_text(record, reference_field, location) if reference_field else None
-            rows.append(
-                Row(prompt, [{"role": "user", "content": prompt}], prefill, answer, reference, location)
-            )
+            views = field_views(record, views_field, location) if views_field else None
+            messages = [{"role": "user", "content": prompt}]
+            rows.append(Row(prompt, messages, prefill, answer, reference, location, views))
         if not rows:
             raise ValueError(f"{self.path}: no rows (the file is empty)")
         train, heldout = hash_split(rows, self.heldout_fraction)

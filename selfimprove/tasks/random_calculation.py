@@ -16,16 +16,24 @@ correct (``partial=False``: 0.0). Needs the ``[math]`` extra.
 from __future__ import annotations
 
 import random
+import re
 from fractions import Fraction
 from functools import lru_cache
 
 from selfimprove.tasks.arithmetic import MAX_DEPTH, ArithmeticTask, random_tree
 from selfimprove.tasks.base import Problem, canonical_number, numeric_reward
 from selfimprove.tasks.math_grader import MathGrader
+from selfimprove.tasks.views import commuted, first_distinct, render
 
 PROMPT = "Evaluate this LaTeX numerical expression step-by-step and give the final value within \\boxed{}: "
 LATEX_OPS = {"+": "+", "-": "-", "*": "\\times", "/": "\\div"}
 _MAX_DRAWS = 10_000
+_LATEX_TOKEN = re.compile(r"\\frac\{\d+\}\{\d+\}|\d+\^\{\d+\}|\d+|\\times|\\div|[-+()]")
+# the instruction said another way: views keep the expression (or its commuted form)
+REWORDINGS = (
+    "Compute the value of this LaTeX expression step by step and put the final value in \\boxed{}: ",
+    "Work out this LaTeX expression step by step; give the final value within \\boxed{}: ",
+)
 
 # A tree: an atom's LaTeX, or (op, left, right) with op in "+-*/".
 Node = str | tuple[str, "Node", "Node"]
@@ -89,6 +97,7 @@ class RandomCalculationTask(ArithmeticTask):
         )
         self.grader = MathGrader(timeout, fallback, wanted_by="task=random_calculation")
         self.partial = partial
+        self.max_views = 2  # the commuted form, the instruction reworded (`views`)
 
     def _sample(self, rng: random.Random) -> str:
         for _ in range(_MAX_DRAWS):
@@ -110,6 +119,25 @@ class RandomCalculationTask(ArithmeticTask):
             answer=answer,
             reference=f"${expr} = \\boxed{{{answer}}}$",
         )
+
+    def commuted(self, expr: str) -> str | None:
+        """The LaTeX expression with the operands of + (terms) or \\times (factors) in another order;
+        None when none can move ("a - b", "a \\div b")."""
+        tokens = _LATEX_TOKEN.findall(expr)
+        if "".join(tokens) != expr.replace(" ", ""):  # not this task's rendering: no view
+            return None
+        out = commuted(tokens, ("+", "-"), ("\\times", "\\div"), frozenset(LATEX_OPS.values()))
+        return None if out is None else render(out, tight=())
+
+    def views(self, problem: Problem, k: int, rng: random.Random) -> list[Problem]:
+        """The commuted expression (where there is one), then the reworded instruction with the
+        expression and with its commuted form: up to ``k``, at least two distinct."""
+        expr = self.expression(problem)
+        swapped = self.commuted(expr)
+        asked = [PROMPT + swapped] if swapped else []
+        asked += [REWORDINGS[0] + expr, REWORDINGS[1] + expr]
+        asked += [REWORDINGS[0] + swapped] if swapped else []
+        return first_distinct(problem, [(question, "") for question in asked], k)
 
     def extract_answer(self, completion: str) -> str | None:
         """The math grader's canonical key of the final answer: what votes group by."""

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 from selfimprove.logging import log
-from selfimprove.tasks.base import Problem, Task, check_eval_count, is_heldout
+from selfimprove.tasks.base import Problem, Task, check_eval_count, is_heldout, view_of
 from selfimprove.tasks.math_grader import MathGrader
 
 _PLAIN_NUMBER = re.compile(r"[-+]?\d+(?:\.\d+)?(?:/\d+)?")
@@ -32,6 +32,7 @@ class Row(NamedTuple):
     answer: str
     reference: str | None = None  # a reference completion, from the task's reference_field
     where: str = ""  # where it was read ("file:line", "path:split row 3"), to name it in messages
+    views: tuple[str, ...] | None = None  # rephrasings of the question (views_field); None: the row has none
 
 
 def field_text(row: dict[str, Any], name: str, where: str) -> str:
@@ -39,6 +40,19 @@ def field_text(row: dict[str, Any], name: str, where: str) -> str:
     if row.get(name) is None:
         raise ValueError(f"{where}: missing field {name!r} (fields present: {sorted(row)})")
     return str(row[name])
+
+
+def field_views(row: dict[str, Any], name: str, where: str) -> tuple[str, ...] | None:
+    """``row[name]``, a list of rephrasings of the question, as a tuple; None when the row has none
+    (absent or null); a ValueError naming ``where`` when it is not a list of non-empty strings."""
+    value = row.get(name)
+    if value is None:
+        return None
+    if not isinstance(value, list) or not all(isinstance(v, str) and v.strip() for v in value):
+        raise ValueError(
+            f"{where}: field {name!r} must be a list of non-empty strings (rephrasings), got {value!r:.80}"
+        )
+    return tuple(value)
 
 
 def text_lines(path: str) -> Iterator[tuple[int, str]]:
@@ -140,6 +154,9 @@ class RowsTask(Task):
     last ``\\boxed{}`` or ``#### n``, see :mod:`selfimprove.tasks.math_grader`; the pattern is unused).
     With "math", a row whose answer holds no math answer is skipped at load, named in a warning and
     listed in ``skipped``; no row left is an error.
+    ``views_field`` names the field holding rephrasings of each row's question (a list of strings): the
+    row's views (`views`), the first ``k`` in the file's order. A row without one has no views; how many
+    are said once, at load.
     """
 
     def __init__(
@@ -152,6 +169,7 @@ class RowsTask(Task):
         answer_match: str,
         reference_field: str | None = None,
         grader: str = "regex",
+        views_field: str | None = None,
     ) -> None:
         if grader not in GRADERS:
             raise ValueError(f"grader must be one of {GRADERS}, got {grader!r}")
@@ -169,6 +187,8 @@ class RowsTask(Task):
         self._perms: dict[int, list[int]] = {}
         self.math = MathGrader() if grader == "math" else None
         self.skipped: list[str] = []  # "where: why" for each row dropped at load (grader=math)
+        self.views_field = views_field
+        self._views: dict[str, tuple[str, ...]] = {}  # prompt -> its rephrasings
 
     def _set_rows(self, train: list[Row], heldout: list[Row], heldout_origin: str) -> None:
         """``heldout_origin`` says where the held-out rows came from, for error messages, e.g.
@@ -186,6 +206,22 @@ class RowsTask(Task):
                 )
         self._train, self._heldout, self._heldout_origin = train, heldout, heldout_origin
         self._perms.clear()
+        if self.views_field is not None:
+            rows = train + heldout
+            self._views = {row.key: row.views for row in rows if row.views}
+            self.max_views = max((len(v) for v in self._views.values()), default=0)
+            bare = sum(not row.views for row in rows)
+            if bare:  # said once: a run over partly rephrased data is legitimate
+                log(
+                    f"{self.source}: {bare} of {len(rows)} row(s) have no {self.views_field!r}: no views of those"
+                )
+
+    def views(self, problem: Problem, k: int, rng: random.Random) -> list[Problem]:
+        """The row's first ``k`` rephrasings, each with the row's prefill (``rng`` is not needed)."""
+        if self.views_field is None:
+            return super().views(problem, k, rng)
+        rephrasings = self._views.get(problem.messages[-1]["content"], ())
+        return [view_of(problem, question, problem.prefill) for question in rephrasings[:k]]
 
     def _gradable(self, rows: list[Row]) -> list[Row]:
         """The rows whose answer the math grader can read; the others are named in ``skipped``.

@@ -15,12 +15,15 @@ from selfimprove.verify.rewards import (
     graded_reward,
 )
 from selfimprove.verify.self_certainty import SelfCertainty, response_logits
+from selfimprove.verify.views import CrossLabel, Harmony, ViewMajority
 
 __all__ = [
     "Combined",
+    "CrossLabel",
     "EMATeacher",
     "GradedReward",
     "GroundTruth",
+    "Harmony",
     "MajorityAgreement",
     "MajorityVoteReward",
     "NegativeEntropy",
@@ -30,6 +33,7 @@ __all__ = [
     "SelfCertainty",
     "SequenceLogLik",
     "TaskReward",
+    "ViewMajority",
     "graded_reward",
     "response_logits",
 ]
