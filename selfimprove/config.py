@@ -315,10 +315,7 @@ def validate_targets(cfg: DictConfig) -> Plan:
         raise ConfigError(
             f"eval.select_by={cfg.eval.select_by} reads eval.{needs[cfg.eval.select_by]}, which is 0"
         )
-    try:
-        check_views(plan.rollout, cfg.sampler.n, cfg.eval.select_by)
-    except ValueError as e:
-        raise ConfigError(str(e)) from None
+    check_views(plan.rollout, cfg.sampler.n, cfg.eval.select_by)
     if cfg.ema.sample_from not in ("raw", "ema"):
         raise ConfigError(f"ema.sample_from: {cfg.ema.sample_from!r} is not raw|ema")
     for which in cfg.ema.evaluate:
@@ -372,10 +369,7 @@ def check_trainable(cfg: DictConfig) -> None:
         )
     from selfimprove.logprobs import check_share_prefix  # late: it imports torch
 
-    try:
-        check_share_prefix(str(cfg.trainer.share_prefix).lower(), cfg.model.attn_implementation)
-    except ValueError as e:
-        raise ConfigError(str(e)) from None
+    check_share_prefix(str(cfg.trainer.share_prefix).lower(), cfg.model.attn_implementation)
 
 
 def build_plan(cfg: DictConfig, entries: list[ScheduleEntry] | None = None) -> Plan:

@@ -23,6 +23,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from selfimprove.errors import ConfigError
 from selfimprove.sampling.prefix import forward_inputs, left_pad
 
 SHARE = ("auto", "true", "false")
@@ -204,11 +205,11 @@ def tree_is_cheaper(trie: Trie, rows: list[tuple[list[int], list[int]]], hidden_
 
 def check_share_prefix(share: str, attention: str | None) -> None:
     """`trainer.share_prefix` against `model.attn_implementation` (None: transformers picks sdpa or
-    eager, which take the mask); a ValueError naming both keys."""
+    eager, which take the mask); a ConfigError naming both keys."""
     if share not in SHARE:
-        raise ValueError(f"trainer.share_prefix: {share!r} is not one of {'|'.join(SHARE)}")
+        raise ConfigError(f"trainer.share_prefix: {share!r} is not one of {'|'.join(SHARE)}")
     if share == "true" and attention is not None and attention not in TREE_ATTENTION:
-        raise ValueError(
+        raise ConfigError(
             f"trainer.share_prefix=true packs rows with a 4-D attention mask, which model.attn_implementation="
             f"{attention} cannot take: use {' or '.join(TREE_ATTENTION)}, or trainer.share_prefix=auto"
         )

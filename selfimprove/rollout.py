@@ -20,6 +20,7 @@ from collections.abc import Sequence
 
 from selfimprove import distributed as dist
 from selfimprove.distributed import derive_seed
+from selfimprove.errors import ConfigError
 from selfimprove.stages import Context
 from selfimprove.tasks.base import CORRECT_THRESHOLD, Problem
 
@@ -225,7 +226,7 @@ class Views(OneTurn):
 
     def check_samples(self, n: int) -> None:
         if n < 1 + self.views:
-            raise ValueError(
+            raise ConfigError(
                 f"sampler.n={n} cannot give each of a problem's {1 + self.views} forms (rollout.views="
                 f"{self.views}, plus the original) a sample: use sampler.n >= {1 + self.views}"
             )
@@ -249,12 +250,12 @@ class Views(OneTurn):
 
 
 def check_views(rollout: OneTurn, n: int, select_by: str | None) -> None:
-    """What views ask of the rest of a config (a ValueError naming the keys): a sample per form, and
+    """What views ask of the rest of a config (a ConfigError naming the keys): a sample per form, and
     model selection by view agreement only where there are views."""
     if isinstance(rollout, Views):
         rollout.check_samples(n)
     elif select_by == "unlabelled/view_agreement":
-        raise ValueError(
+        raise ConfigError(
             "eval.select_by=unlabelled/view_agreement compares the answers of a prompt's forms: it needs "
             "rollout=views"
         )

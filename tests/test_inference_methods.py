@@ -25,7 +25,7 @@ def tiny():
 def test_typical_worked_example_through_the_sampler():
     """p = [.5, .3, .2]: H = 1.02965; τ = 0.25 keeps token 1, 0.5 keeps {0, 1}, 0.9 all three; tokens
     are drawn from the renormalised kept set, the recorded log-probs are the policy's before the cut
-    (log p: what the update's π is, so the importance ratio is 1 on-policy; issue 29)."""
+    (log p: what the update's π is, so the importance ratio is 1 on-policy)."""
     p = torch.tensor([0.5, 0.3, 0.2])
     assert float(-(p * p.log()).sum()) == pytest.approx(1.02965, abs=1e-5)
     for tau, kept in [(0.25, {1}), (0.5, {0, 1}), (0.9, {0, 1, 2})]:

@@ -352,7 +352,7 @@ def vllm_cfg(tmp_path, *overrides):
         ("sampler.temperature=0.005", "sampler.temperature"),  # vLLM would sample at 0.01
         ("sampler.temperature=2.5", "sampler.temperature"),  # vLLM refuses > 2
         ("sampler.top_p=0", "sampler.top_p"),
-        ("sampler.top_p=0.9", "sampler.top_p"),  # vLLM's log-probs would be the nucleus's (issue 29)
+        ("sampler.top_p=0.9", "sampler.top_p"),  # vLLM's log-probs would be the nucleus's, not π_old
         ("eval.temperature=3", "eval.temperature"),
         ("+verifiers.teacher.temperature=0.001", "verifiers.teacher.temperature"),  # the EMA samples too
     ],

@@ -99,7 +99,7 @@ def policy_logprobs(
     sampling temperature, before truncation. top_p / typical_p only choose which tokens can be drawn;
     the update's π is the tempered softmax over the whole vocabulary (`Objective.temperature`), so
     π_old must be too: the truncated distribution's log-probs are higher by log(kept mass), which
-    made the on-policy ratio the kept mass (issue 29). `sampling`: `sampling_logprobs`' result,
+    made the on-policy ratio the kept mass. `sampling`: `sampling_logprobs`' result,
     reused when nothing truncates."""
     tempering = LogitsProcessorList(w for w in warp if isinstance(w, TEMPERING))
     if not tempering:

@@ -16,7 +16,7 @@ max_model_len, logprobs_mode, max_logprobs).
 What differs from the hf backend (`selfimprove.sampling.hf`):
 - per-token `logprobs` are vLLM's "processed_logprobs": at top_p = 1 exactly hf's, the policy at the
   sampling temperature (π_old of an importance ratio); with top_p < 1 the nucleus's, as vLLM has no
-  tempered-but-untruncated mode ("raw" is untempered): refused, at config time and here;
+  tempered-but-untruncated mode ("raw" is untempered): refused at config time (`vllm_checks`);
 - `self_certainty` and `entropy` are APPROXIMATED from the top-k log-probs vLLM returns
   (`sampler.vllm.logprobs_topk`; see `topk_token_stats`): recipes whose scorers need the full
   next-token distribution (self-certainty) get this approximation. The exact alternative is the
@@ -312,10 +312,6 @@ class VLLMSampler:
         vLLM has no typical sampling (refused at config time, and here)."""
         if typical_p != 1.0:
             raise ValueError(f"typical_p={typical_p}: vLLM has no typical sampling; use sampler=hf")
-        if record and not greedy and top_p < 1.0:  # refused at config time for the loop's sampler too
-            raise ValueError(
-                f"top_p={top_p}: vLLM records the nucleus's log-probs, not the policy's; use sampler=hf"
-            )
         longest = max((len(p) for p in prompts), default=0) + max_new_tokens
         if longest > self.max_model_len:
             raise ValueError(
