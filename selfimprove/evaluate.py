@@ -21,7 +21,7 @@ from selfimprove.ema import engine_weights
 from selfimprove.metrics import answer_information, eval_summary, final_turn, view_agreement
 from selfimprove.parts import build_rollout
 from selfimprove.repetition import perplexity, text_metrics
-from selfimprove.rollout import OneTurn, Views
+from selfimprove.rollout import OneTurn
 from selfimprove.stages import Context
 
 # model-selection problems: the task's training stream far past where a run's rounds read (< 10**9 + rounds)
@@ -132,7 +132,7 @@ def evaluate(
         )
         seed_of_unit = lambda u: dist.derive_seed(cfg.seed, "unlabelled", u)  # noqa: E731
         # a views run asks every form unlabelled_k times (the views rollout splits n across the forms)
-        forms = 1 + run_rollout.views if isinstance(run_rollout, Views) else 1
+        forms = run_rollout.forms
         sampled = draw(
             "raw-unlabelled",
             prompts,

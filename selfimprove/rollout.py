@@ -76,6 +76,7 @@ class OneTurn:
     """n completions of each problem: the rows of every single-turn recipe."""
 
     writes: tuple[str, ...] = ()  # columns beyond the core ones (contract 1)
+    forms: int = 1  # the forms each problem is asked in (its original, and views)
 
     def check(self, task) -> None:
         return None
@@ -214,6 +215,7 @@ class Views(OneTurn):
         if isinstance(views, bool) or views < 1:
             raise ValueError(f"views must be >= 1, got {views!r}")
         self.views = views
+        self.forms = 1 + views
 
     def check(self, task) -> None:
         name = type(task).__name__
