@@ -10,6 +10,22 @@ import pytest
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("WANDB_MODE", "offline")
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # Two workers on two cores: one OpenMP thread each, or their spinning threads slow both 5-10x.
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+# Tests that launch ranks run one after another on one worker: the SLURM tests signal every
+# `python -u -m selfimprove train` on the host (pkill -f, as on a real node), which would reach another
+# test's torchrun ranks; and two-rank launches side by side would oversubscribe the two cores.
+RANKS = {"test_backends", "test_slurm", "test_storm", "test_two_ranks"}
+
+
+@pytest.hookimpl(tryfirst=True)  # before pytest-xdist's own hook reads the groups
+def pytest_collection_modifyitems(config, items) -> None:
+    for item in items:
+        if item.module.__name__ in RANKS:
+            item.add_marker(pytest.mark.xdist_group("ranks"))
+
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -191,7 +207,16 @@ def slurm_cluster(tmp_path_factory) -> Iterator[SlurmCluster]:
     reason, except under CI=true, where that is a failure."""
     folder = tmp_path_factory.mktemp("slurm")
     script = ROOT / "scripts" / "ci" / "slurm.sh"
-    started = subprocess.run(["bash", script, "start", folder], capture_output=True, text=True, timeout=900)
+    # The daemons get no stdin (a pytest-xdist worker's is its channel to the controller) and a session
+    # of their own, as daemons started by init would.
+    started = subprocess.run(
+        ["bash", script, "start", folder],
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        text=True,
+        timeout=900,
+        start_new_session=True,
+    )
     try:
         if started.returncode == 77:
             reason = f"no SLURM here: {started.stderr.strip().splitlines()[-1]}"
@@ -199,8 +224,15 @@ def slurm_cluster(tmp_path_factory) -> Iterator[SlurmCluster]:
                 pytest.fail(f"{reason} (CI=true: the SLURM tests must run)")
             pytest.skip(reason)
         assert started.returncode == 0, f"scripts/ci/slurm.sh start failed:\n{started.stderr}"
-        # The jobs get this environment (sbatch exports it): none of an enclosing allocation's SLURM_*.
-        env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "SBATCH_", "SRUN_"))}
+        # The jobs get this environment (sbatch exports it): none of an enclosing allocation's SLURM_*,
+        # and no process group of this process's (an in-process test's MASTER_PORT would give every job
+        # one rendezvous port, where a requeued job's old agent may still listen).
+        env = {
+            k: v
+            for k, v in os.environ.items()
+            if not k.startswith(("SLURM_", "SBATCH_", "SRUN_", "MASTER_"))
+            and k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE")
+        }
         env["SLURM_CONF"] = str(folder / "slurm.conf")
         yield SlurmCluster(folder, env)
     finally:

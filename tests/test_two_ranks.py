@@ -1,14 +1,12 @@
 """The tiny recipe under torchrun with two CPU ranks (gloo) agrees with one rank."""
 
 import json
-import shutil
-import sys
 from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
 import torch
-from conftest import TINY, run_cli, samples
+from conftest import TINY, run_cli, samples, torchrun
 from safetensors.torch import load_file
 
 
@@ -28,13 +26,7 @@ def _metrics(run_dir: Path) -> list[dict]:
 
 def test_two_ranks_match_one(tmp_path, baseline_run):
     run_dir = tmp_path / "run"
-    torchrun = [
-        shutil.which("torchrun") or f"{Path(sys.executable).parent}/torchrun",
-        "--nproc-per-node",
-        "2",
-        "-m",
-    ]
-    run_cli(["train", *TINY, f"run.dir={run_dir}"], launcher=torchrun)
+    run_cli(["train", *TINY, f"run.dir={run_dir}"], launcher=torchrun(2))
 
     for round_ in (1, 2):
         rows = samples(run_dir, round_)
@@ -82,15 +74,6 @@ UNEVEN = [
     "eval.n_problems=8",
     "eval.batch_size=4",
 ]
-
-
-def torchrun(n: int) -> list[str]:
-    return [
-        shutil.which("torchrun") or f"{Path(sys.executable).parent}/torchrun",
-        "--nproc-per-node",
-        str(n),
-        "-m",
-    ]
 
 
 @pytest.fixture(scope="module")
