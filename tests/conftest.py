@@ -14,17 +14,16 @@ if os.environ.get("PYTEST_XDIST_WORKER"):
     # Two workers on two cores: one OpenMP thread each, or their spinning threads slow both 5-10x.
     os.environ.setdefault("OMP_NUM_THREADS", "1")
 
-# Tests that launch ranks run one after another on one worker: the SLURM tests signal every
-# `python -u -m selfimprove train` on the host (pkill -f, as on a real node), which would reach another
-# test's torchrun ranks; and two-rank launches side by side would oversubscribe the two cores.
-RANKS = {"test_backends", "test_slurm", "test_storm", "test_two_ranks"}
+# The SLURM tests run one after another on one worker: they share one cluster (a session fixture: a
+# second worker would start a second cluster, whose job ids, and so rendezvous ports, repeat the first's).
+SERIAL = {"test_slurm": "slurm"}
 
 
 @pytest.hookimpl(tryfirst=True)  # before pytest-xdist's own hook reads the groups
 def pytest_collection_modifyitems(config, items) -> None:
     for item in items:
-        if item.module.__name__ in RANKS:
-            item.add_marker(pytest.mark.xdist_group("ranks"))
+        if item.module.__name__ in SERIAL:
+            item.add_marker(pytest.mark.xdist_group(SERIAL[item.module.__name__]))
 
 
 ROOT = Path(__file__).resolve().parents[1]

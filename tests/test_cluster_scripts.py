@@ -221,6 +221,9 @@ def test_preemption_forwards_usr1_and_requeues(shims, sig):
     agent = step[step.index(".venv/bin/python") :]
     worker = [sys.executable, "-u", "-m", "selfimprove", "train", *agent[agent.index("train") + 1 :]]
     assert re.search(pattern, " ".join(worker))
+    # another job's workers on the same node (another run folder) are left alone
+    other = [*worker[:-1], worker[-1] + "-2"]
+    assert worker[-1].startswith("run.dir=") and not re.search(pattern, " ".join(other))
     assert not re.search(pattern, " ".join(agent))
     assert not re.search(pattern, " ".join(fwd))
     assert not re.search(pattern, " ".join(fwd[k:]))

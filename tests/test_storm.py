@@ -1,5 +1,5 @@
 """A preemption storm: a two-rank tiny run SIGKILLed (agent and workers at once, like a node failure)
-at 20 seeded random moments, two of them inside checkpoint writes, resumed with resume=auto after each;
+at 12 seeded random moments, two of them inside checkpoint writes, resumed with resume=auto after each;
 then it must end exactly where an uninterrupted run ends: weights, EMA, optimizer and scheduler state,
 the samples of every round and every metrics.jsonl row, each once.
 
@@ -22,10 +22,10 @@ import pytest
 import torch
 from conftest import TINY, assert_same_final_state, assert_same_samples, run_cli, torchrun
 
-# The tiny recipe over six rounds: about 65 fault points, more than 20 kills of up to 5 points each get
-# through, so the kills land in every phase and round.
+# The tiny recipe over six rounds: about 65 fault points, more than 12 kills of up to 5 points each get
+# through, so the run never ends early and the kills land in every phase.
 STORM = [*TINY, "loop.rounds=6"]
-SEED, KILLS = 22, 20
+SEED, KILLS = 22, 12
 CHECKPOINT_KILLS = (4, 11)  # these attempts are killed inside the write of the next checkpoint
 TIMING = ("phase_seconds", "round_seconds", "compute_seconds", "tokens_per_second", "max_rss_gb")
 

@@ -55,10 +55,12 @@ fi
 # and on SIGTERM it kills its workers itself after TORCH_ELASTIC_SHUTDOWN_TIMEOUT (120 s unless set,
 # above). Workers are started by the agent as "python -u -m selfimprove train ..." while the agent's
 # own command line has no "-u" before "-m selfimprove", so the pattern below matches workers only;
-# "[e]" keeps it from matching the command lines of this pkill/srun themselves. When the step has
+# "[e]" keeps it from matching the command lines of this pkill/srun themselves. The pattern ends with
+# this job's run.dir, so another job's workers on a shared node are left alone. When the step has
 # exited we requeue; the requeued job runs this script again and resume=auto continues from the last
 # checkpoint in $RUN_DIR.
-WORKER_PATTERN='-u -m selfimprov[e] train'
+run_dir_regex=$(printf '%s' "$RUN_DIR" | sed -E 's/[][\\.^$*+?(){}|]/\\&/g')
+WORKER_PATTERN="-u -m selfimprov[e] train .* run\\.dir=$run_dir_regex( |\$)"
 preempted=0
 forward_stop() {
   [[ $preempted == 1 ]] && return
