@@ -1,7 +1,7 @@
 """Plots round metrics of one or more runs side by side: one panel per metric, one line per run.
 
 Reads each run's metrics.jsonl (the round lines, those holding the metric), so it works on runs in
-progress too. Used for the curated-retraining figure in the README.
+progress too. Used for the curated-retraining figure in docs/results_methods.md.
 
 Run:  .venv/bin/python scripts/plot_runs.py RUN_DIR[=LABEL] ... --metrics score/self_certainty,sample/kl_to_base
       --out FILE.png [--title TEXT]

@@ -92,7 +92,7 @@ def test_long_rows_are_scored_in_bounded_parts(tiny):
 
 @pytest.mark.parametrize("recipe", ["math_grpo", "math_label_free"])
 def test_math_recipes_compose_for_a_gpu_run(recipe):
-    """The README's command line composes: a 1-2B model folder, ZeRO-2, vLLM or the HF fast path; the
+    """docs/recipes.md's command line composes: a 1-2B model folder, ZeRO-2, vLLM or the HF fast path; the
     evaluation decodes as long as sampling; only math_grpo reads the labels."""
     head = ["model=hf", "model.path=/models/Qwen2.5-1.5B-Instruct", "launcher=zero2"]
     for sampler in ("sampler=vllm", "sampler=hf"):

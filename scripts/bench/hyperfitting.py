@@ -25,7 +25,7 @@ import sys
 from pathlib import Path
 
 METRICS = ("rep_4", "rep_sen", "distinct_2", "distinct_4", "perplexity")
-# ditto at 2 of its 6 rounds by default: the shipped 6 take ~14 CPU minutes per seed (README's DITTO results)
+# ditto at 2 of its 6 rounds by default: the shipped 6 take ~14 CPU minutes per seed (docs/results_methods.md)
 DITTO_DEFAULT = "loop.rounds=2 eval.every=2 eval.before=false"
 
 
