@@ -27,8 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-
-from tests.conftest import ROOT, TINY, cfg_of, run_cli
+from conftest import ROOT, TINY, cfg_of, run_cli
 
 PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
 SHELL = {"bash", "sh", "shell", "console"}
