@@ -8,6 +8,7 @@ agreement, the config errors, and one tiny loop run for the plumbing.
 
 import dataclasses
 import json
+import math
 import random
 import re
 
@@ -19,7 +20,7 @@ from selfimprove.errors import ConfigError
 from selfimprove.evaluate import unlabelled_summary
 from selfimprove.metrics import view_agreement
 from selfimprove.rollout import OneTurn, Views, check_views
-from selfimprove.select.advantage import cross_prompt_surprisal
+from selfimprove.select.advantage import GroupAdvantage, cross_prompt_surprisal
 from selfimprove.select.filters import by_prompt
 from selfimprove.stages import Context
 from selfimprove.tasks import ArithmeticTask, DyckTask, JsonlTask
@@ -260,6 +261,29 @@ def test_a_consistent_wrong_rule_ranks_below_the_right_one():
     # and model selection by views tells them apart too
     assert unlabelled_summary(right)["unlabelled/view_agreement"] == 1.0
     assert unlabelled_summary(wrong)["unlabelled/view_agreement"] == 0.0
+
+
+def test_a_gated_surprisal_ranks_the_wrong_rule_below_the_right_one():
+    # label_free with views (the majority pooled over both forms) still pays the wrong rule more: half
+    # of its samples agree (0.5) but its answers are rare across prompts (0.3 · log 25 ≈ 0.97), while
+    # the right answers all read 44 (agreement 1, no bonus). Gated by view_majority, the bonus goes to
+    # answers the other form gives, and the wrong rule's is 0.
+    problems = [(38, 6), (39, 5), (40, 4), (41, 3)]
+    right = _policy(lambda a, b: a + b, problems)
+    wrong = _policy(lambda a, b: a + int(f"{b}{b}"), problems)
+
+    def reward_mean(rows, gate):
+        for scorer in (MajorityAgreement(), ViewMajority()):
+            for row, score in zip(rows, scorer.score(rows)):
+                row[f"score/{scorer.name}"] = score
+        ctx = Context(None, None, seed=0)
+        GroupAdvantage("majority", surprisal_weight=0.3, surprisal_gate=gate)(rows, ctx)
+        return ctx.logged["reward_mean"]
+
+    assert reward_mean(right, None) == pytest.approx(1.0)
+    assert reward_mean(wrong, None) == pytest.approx(0.5 + 0.3 * math.log(25))
+    assert reward_mean(right, "view_majority") == pytest.approx(1.0)
+    assert reward_mean(wrong, "view_majority") == pytest.approx(0.5)
 
 
 def test_view_agreement_and_the_unlabelled_summary():

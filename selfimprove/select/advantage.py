@@ -115,6 +115,11 @@ class GroupAdvantage(Stage):
     prompts, so its baseline is the batch's, and a unanimous group whose answer other prompts share is
     pushed off it (a collapse's fixed point: all samples agree, so the group teaches nothing).
 
+    `surprisal_gate`: a score in [0, 1] that scales each row's bonus (e.g. `view_majority`: the share of
+    the problem's other forms whose majority gives this answer). Diversity across prompts also rewards
+    a prompt-dependent wrong rule (38 + 6 = 104); gated, only an answer the other forms give is worth
+    being different for.
+
     `min_agreement`/`max_agreement` drop prompts outside the band; `easiest_fraction` keeps that share
     of the remaining prompts, most self-consistent first; `drop_zero` drops groups whose advantages are
     all 0 (they would only add the KL term — and cost a forward/backward). The reward and advantage
@@ -133,6 +138,7 @@ class GroupAdvantage(Stage):
         drop_zero: bool = True,
         surprisal_weight: float = 0.0,
         surprisal_baseline: str = "group",
+        surprisal_gate: str | None = None,
     ) -> None:
         if estimator not in ESTIMATORS:
             raise ValueError(f"estimator: {estimator!r} is not one of {'|'.join(ESTIMATORS)}")
@@ -144,8 +150,8 @@ class GroupAdvantage(Stage):
         self.reward, self.estimator = reward, estimator
         self.min_agreement, self.max_agreement = min_agreement, max_agreement
         self.easiest_fraction, self.drop_zero = easiest_fraction, drop_zero
-        self.surprisal_weight = surprisal_weight
-        self.reads = (f"score/{reward}", "answer")
+        self.surprisal_weight, self.surprisal_gate = surprisal_weight, surprisal_gate
+        self.reads = (f"score/{reward}", "answer", *([f"score/{surprisal_gate}"] if surprisal_gate else []))
 
     def _gated(self, groups: dict[str, list[int]], rows: list[dict], ctx: Context) -> list[str]:
         share = {p: agreement([rows[i]["answer"] for i in idx]) for p, idx in groups.items()}
@@ -167,6 +173,8 @@ class GroupAdvantage(Stage):
         kept = set(self._gated(groups, rows, ctx))
         kept_groups = {p: idx for p, idx in groups.items() if p in kept}
         surprisal = cross_prompt_surprisal(rows, groups) if self.surprisal_weight else [0.0] * len(rows)
+        if self.surprisal_gate:
+            surprisal = [s * score_of(row, self.surprisal_gate) for s, row in zip(surprisal, rows)]
         row_reward = [0.0] * len(rows)
         for idx in kept_groups.values():
             group_rewards = _finite([score_of(rows[i], self.reward) for i in idx])
