@@ -14,18 +14,6 @@ if os.environ.get("PYTEST_XDIST_WORKER"):
     # Two workers on two cores: one OpenMP thread each, or their spinning threads slow both 5-10x.
     os.environ.setdefault("OMP_NUM_THREADS", "1")
 
-# The SLURM tests run one after another on one worker: they share one cluster (a session fixture: a
-# second worker would start a second cluster, whose job ids, and so rendezvous ports, repeat the first's).
-SERIAL = {"test_slurm": "slurm"}
-
-
-@pytest.hookimpl(tryfirst=True)  # before pytest-xdist's own hook reads the groups
-def pytest_collection_modifyitems(config, items) -> None:
-    for item in items:
-        if item.module.__name__ in SERIAL:
-            item.add_marker(pytest.mark.xdist_group(SERIAL[item.module.__name__]))
-
-
 ROOT = Path(__file__).resolve().parents[1]
 
 # The tiny test recipe: SFT-Sharpening (label-free best-of-n by log-prob under the frozen base, which
@@ -206,16 +194,7 @@ def slurm_cluster(tmp_path_factory) -> Iterator[SlurmCluster]:
     reason, except under CI=true, where that is a failure."""
     folder = tmp_path_factory.mktemp("slurm")
     script = ROOT / "scripts" / "ci" / "slurm.sh"
-    # The daemons get no stdin (a pytest-xdist worker's is its channel to the controller) and a session
-    # of their own, as daemons started by init would.
-    started = subprocess.run(
-        ["bash", script, "start", folder],
-        stdin=subprocess.DEVNULL,
-        capture_output=True,
-        text=True,
-        timeout=900,
-        start_new_session=True,
-    )
+    started = subprocess.run(["bash", script, "start", folder], capture_output=True, text=True, timeout=900)
     try:
         if started.returncode == 77:
             reason = f"no SLURM here: {started.stderr.strip().splitlines()[-1]}"

@@ -15,7 +15,12 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+import pytest
 from conftest import ROOT, TINY, SlurmCluster, assert_same_final_state, assert_same_samples
+
+# One worker runs these one after another: they share one cluster (a session fixture); a second worker
+# would start a second cluster, whose job ids, and so rendezvous ports, repeat the first's.
+pytestmark = pytest.mark.xdist_group("slurm")
 
 SMALL_NODE = ["--gpus-per-node=0", "--cpus-per-task=2"]  # the "debug" partition: one node, 2 CPUs
 DONE = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL", "DEADLINE"}
